@@ -1,0 +1,209 @@
+"""Smooth functions on secrets, approximated with the protocol's primitives.
+
+All errors below are for the default 16 fractional bits, measured against float64 PyTorch by the
+tests in ``tests/mpc/test_approx.py`` (which assert these bounds) and by ``benchmarks/primitives.py``.
+
+============== ================================================================ ====== ======================
+function       method                                                           rounds max error (domain)
+============== ================================================================ ====== ======================
+exp            ``t = x / 2^8`` at 18 fractional bits, ``1 + t + t^2/2``, then      9     rel 2e-3 on [-16, 4];
+               8 squarings                                                             abs 1e-4 on (-inf, 0]
+reciprocal     linear minimax guess on ``domain``, Goldschmidt iterations       2..8    rel 2e-4 in domain
+               (``y *= 1 + e; e = e^2`` in one round each, count chosen from
+               the domain); default domain [1/64, 64]
+rsqrt, sqrt    linear guess, Goldschmidt square-root iterations (2 rounds each) 7..17   rel 5e-4 in domain
+log            Householder iterations on ``exp(-y)`` (order 4)                   ~45    abs 5e-3 on [0.05, 100]
+sigmoid        ``s = 1 / (1 + exp(-|x|))``, ``sigmoid = s + [x<0] (1 - 2 s)``;       18     abs 2e-4 everywhere
+               exp of a non-positive number cannot overflow
+tanh           ``2 sigmoid(2x) - 1``                                              18     abs 4e-4 everywhere
+softmax        max along ``dim`` (tournament), exp of ``x - max`` (<= 0), sum,  5 ceil(log2 k) abs 1e-3
+               reciprocal on [1, k]                                             + 15
+============== ================================================================ ====== ======================
+
+Outside a stated domain results degrade (reciprocal and rsqrt diverge); large positive exp inputs
+overflow the ring (see README "Precision").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from veil.mpc import nonlinear
+from veil.mpc.tensor import SecretTensor
+
+EXP_SQUARINGS = 8
+EXP_EXTRA_BITS = 2
+DEFAULT_DOMAIN = (1.0 / 64, 64.0)
+
+
+def _mul_batch(proto: Any, pairs: list[tuple[torch.Tensor, torch.Tensor]], trunc: int) -> list[torch.Tensor]:
+    """Several elementwise secret products in one round (one Beaver triple over their concatenation)."""
+    shapes = [torch.broadcast_shapes(a.shape, b.shape) for a, b in pairs]
+    xs = torch.cat([a.expand(s).reshape(-1) for (a, _), s in zip(pairs, shapes)])
+    ys = torch.cat([b.expand(s).reshape(-1) for (_, b), s in zip(pairs, shapes)])
+    z = proto.truncate(proto.bilinear(xs, ys, "mul", {}), trunc)
+    out, off = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(z[off:off + n].reshape(s))
+        off += n
+    return out
+
+
+def _const(x: SecretTensor, value: float, bits: int) -> torch.Tensor:
+    """Share of a public constant at ``bits`` fractional bits (party 0 holds it)."""
+    v = round(value * (1 << bits))
+    return torch.full_like(x.share, v if x.session.index == 0 else 0)
+
+
+def exp(x: SecretTensor) -> SecretTensor:
+    """``e^x`` by the limit ``(1 + t + t^2/2)^(2^8)`` with ``t = x / 2^8``."""
+    proto, f = x.protocol, x.frac_bits
+    p = f + EXP_EXTRA_BITS
+    t = proto.truncate(x.share, EXP_SQUARINGS - EXP_EXTRA_BITS)  # x / 2^8 at p bits
+    t2 = proto.truncate(proto.square(t), p + 1)  # t^2 / 2 at p bits
+    y = _const(x, 1.0, p) + t + t2
+    for i in range(EXP_SQUARINGS):
+        drop = 1 if i < EXP_EXTRA_BITS else 0  # return to f bits over the first squarings
+        y = proto.truncate(proto.square(y), p + drop)
+        p -= drop
+    return x._new(y)
+
+
+def _linear_fit(fn: Any, lo: float, hi: float) -> tuple[float, float]:
+    """Coefficients ``(a, b)`` of ``a - b x`` fitting ``fn`` on [lo, hi] in relative error (least
+    squares on a geometric grid; the iteration count that follows is chosen by simulation)."""
+    xs = np.geomspace(lo, hi, 512)
+    t = fn(xs)
+    design = np.stack([1 / t, -xs / t], axis=1)
+    (a, b), *_ = np.linalg.lstsq(design, np.ones_like(xs), rcond=None)
+    return float(a), float(b)
+
+
+def _goldschmidt_steps(eps0: float, bits: int) -> int:
+    """Iterations so that ``eps0^(2^k) < 2^-bits``."""
+    if not 0 <= eps0 < 1:
+        raise ValueError(f"initial approximation error {eps0:.3f} >= 1: the domain is too wide")
+    if eps0 == 0:
+        return 1
+    return max(1, math.ceil(math.log2(bits * math.log(2) / -math.log(eps0))))
+
+
+def _check_domain(lo: float, hi: float) -> None:
+    if not 0 < lo < hi:
+        raise ValueError(f"domain must satisfy 0 < lo < hi, got ({lo}, {hi})")
+
+
+def reciprocal(x: SecretTensor, domain: tuple[float, float] = DEFAULT_DOMAIN) -> SecretTensor:
+    """``1 / x`` for ``x`` in ``domain`` (positive). Error stated in the module table."""
+    lo, hi = domain
+    _check_domain(lo, hi)
+    proto, f = x.protocol, x.frac_bits
+    b = 8.0 / ((hi + lo) ** 2 + 4 * hi * lo)  # minimax relative error of a - b x with a = b (hi + lo)
+    a = b * (hi + lo)
+    eps0 = 1 - b * hi * lo
+    steps = _goldschmidt_steps(eps0, f + 2)
+    y = (x * (-b) + a).share
+    e = _const(x, 1.0, f) - proto.truncate(proto.bilinear(x.share, y, "mul", {}), f)
+    for k in range(steps):
+        one_plus_e = _const(x, 1.0, f) + e
+        if k == steps - 1:
+            (y,) = _mul_batch(proto, [(y, one_plus_e)], f)
+        else:
+            y, e = _mul_batch(proto, [(y, one_plus_e), (e, e)], f)
+    return x._new(y)
+
+
+def _sqrt_pair(x: SecretTensor, domain: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shares of ``(sqrt(x), 1 / (2 sqrt(x)))`` by Goldschmidt's iteration."""
+    lo, hi = domain
+    _check_domain(lo, hi)
+    proto, f = x.protocol, x.frac_bits
+    a, b = _linear_fit(lambda v: 1 / np.sqrt(v), lo, hi)
+    y0 = (x * (-b) + a).share
+    g = proto.truncate(proto.bilinear(x.share, y0, "mul", {}), f)
+    h = proto.truncate(y0, 1)
+    xs = np.geomspace(lo, hi, 256)
+    gg, hh = xs * (a - b * xs), (a - b * xs) / 2
+    steps = 0
+    while np.max(np.abs(gg / np.sqrt(xs) - 1)) > 2.0 ** -(f + 1) and steps < 12:
+        r = 0.5 - gg * hh
+        gg, hh, steps = gg + gg * r, hh + hh * r, steps + 1
+    for _ in range(steps):
+        (gh,) = _mul_batch(proto, [(g, h)], f)
+        r = _const(x, 0.5, f) - gh
+        gr, hr = _mul_batch(proto, [(g, r), (h, r)], f)
+        g, h = g + gr, h + hr
+    return g, h
+
+
+def sqrt(x: SecretTensor, domain: tuple[float, float] = DEFAULT_DOMAIN) -> SecretTensor:
+    """``sqrt(x)`` for ``x`` in ``domain``."""
+    g, _ = _sqrt_pair(x, domain)
+    return x._new(g)
+
+
+def rsqrt(x: SecretTensor, domain: tuple[float, float] = DEFAULT_DOMAIN) -> SecretTensor:
+    """``1 / sqrt(x)`` for ``x`` in ``domain``."""
+    _, h = _sqrt_pair(x, domain)
+    return x._new(2 * h)
+
+
+def log(x: SecretTensor, iterations: int = 3, order: int = 4) -> SecretTensor:
+    """Natural logarithm for ``x`` in [0.05, 100]: Householder steps ``y -= sum_k h^k / k`` with
+    ``h = 1 - x exp(-y)``, from the initial guess ``x/120 - 20 exp(-2x - 1) + 3``."""
+    y = x * (1.0 / 120) - exp(x * -2 - 1) * 20 + 3.0
+    for _ in range(iterations):
+        h = 1 - x * exp(-y)
+        powers = [h]
+        while len(powers) < order:
+            have = len(powers)
+            pairs = [(powers[(k + 1) // 2 - 1].share, powers[k // 2 - 1].share)
+                     for k in range(have + 1, min(order, 2 * have) + 1)]
+            powers += [x._new(s) for s in _mul_batch(x.protocol, pairs, x.frac_bits)]
+        for k, hk in enumerate(powers, start=1):
+            y = y - hk * (1.0 / k)
+    return y
+
+
+def power(x: SecretTensor, k: int) -> SecretTensor:
+    """``x ** k`` by repeated squaring (about 2 log2 k rounds)."""
+    if k == 0:
+        return x * 0 + 1
+    result: SecretTensor | None = None
+    base = x
+    while k:
+        if k & 1:
+            result = base if result is None else result * base
+        k >>= 1
+        if k:
+            base = base.square()
+    assert result is not None
+    return result
+
+
+def sigmoid(x: SecretTensor) -> SecretTensor:
+    """Logistic function, on the whole real line (see the module table)."""
+    bit, (xb,) = x.protocol.msb(x.share, [x.share])
+    neg_abs = x._new(2 * xb - x.share)  # -|x|
+    s = reciprocal(exp(neg_abs) + 1.0, domain=(1.0, 2.0))
+    b = x._new(bit << x.frac_bits)
+    return s + b * (1 - 2 * s)
+
+
+def tanh(x: SecretTensor) -> SecretTensor:
+    return sigmoid(x * 2) * 2 - 1
+
+
+def softmax(x: SecretTensor, dim: int = -1) -> SecretTensor:
+    """Softmax along ``dim``: ``exp(x - max) / sum``; the sum is in [1, k], its reciprocal on that domain."""
+    k = x.shape[dim]
+    m = nonlinear.amax(x, dim=dim, keepdim=True) if k > 1 else x
+    e = exp(x - m.expand(*x.shape))
+    s = e.sum(dim, keepdim=True)
+    inv = reciprocal(s, domain=(1.0, float(k) + 0.5))
+    return e * inv.expand(*x.shape)

@@ -1,0 +1,257 @@
+"""Two compute parties with additive shares in Z_2^64, and a dealer for correlated randomness.
+
+Security: semi-honest (honest-but-curious) parties, the dealer not colluding with either compute
+party. Each compute party's view is its shares (uniform), values masked by uniform dealer masks, and
+dealer material (uniform or derived from uniform masks it never sees in clear): it learns nothing
+beyond what is revealed to it. Channels are authenticated and encrypted by the transport (TLS).
+
+Primitives and their cost at each compute party (``n`` elements):
+
+=========== ========================================================= ======= ==============
+primitive   how                                                       rounds  bytes sent
+=========== ========================================================= ======= ==============
+share       owner's share ``x - r``, the other's ``r`` from a PRG the    0      a shape header
+            two compute parties share (pseudo-random secret sharing)
+reveal      the other party sends its share to each receiver            1       8n
+mul/matmul  Beaver triple from the dealer, open ``x - a`` and ``y - b``  1       8(|x|+|y|)
+truncate    local (SecureML): party 0 shifts its share, party 1          0       0
+            negates, shifts and negates back
+msb         open ``c = x + r``; compare ``c mod 2^63`` with ``r mod      5       ~41n
+            2^63`` on XOR shares (leaf groups of 4 bits evaluated
+            locally from dealer monomials, 3 AND levels), last level
+            and conversion to arithmetic in one opening of a masked
+            3-bit index into a dealer truth table
+eqz         same tree on all 64 bits, EQ only                           5       ~33n
+=========== ========================================================= ======= ==============
+
+Truncation error: for a secret ``|x| < 2^k`` (ring units) the local truncation returns
+``x / 2^f`` within 1 unit in the last place with probability at least ``1 - 2^(k + 1 - 64)``; with
+16 fractional bits and a product of two values below 2^10 (k = 53) that is 1 - 2^-10 ... so products
+should stay far below the ring's range: values of magnitude up to 2^8 give failure below 2^-13 per
+element *before* truncation at 2f bits (k = 2f + 9 = 41: 2^-22). See README "Precision".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from veil.mpc import circuits
+from veil.mpc.protocol import Protocol
+from veil.net.transport import PartyError
+
+if TYPE_CHECKING:
+    from veil.mpc.session import Session
+
+_NP = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.int64}
+
+
+def _to_bytes(t: torch.Tensor, nbytes: int) -> bytes:
+    arr = t.detach().cpu().contiguous().numpy()
+    return arr.astype(_NP[nbytes], copy=False).tobytes()
+
+
+class DealerProtocol2PC(Protocol):
+    name = "2pc"
+
+    def __init__(self, session: Session) -> None:
+        self.s = session
+        self.index = session.index
+        self.peer = session.peer
+
+    # ---- communication -------------------------------------------------------------------
+    def exchange(self, parts: Sequence[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """One round: send ``parts`` (tensor, bytes per element) to the peer, return the peer's."""
+        t = self.s.transport
+        t.send(self.peer, b"".join(_to_bytes(p, nb) for p, nb in parts))
+        raw = t.recv(self.peer)
+        self.s.stats.rounds += 1
+        expected = sum(p.numel() * nb for p, nb in parts)
+        if len(raw) != expected:
+            raise PartyError(f"{self.s.party}: expected {expected} bytes from {self.peer!r}, got {len(raw)} "
+                             f"(parties out of step)")
+        out, off = [], 0
+        for p, nb in parts:
+            arr = np.frombuffer(raw, dtype=_NP[nb], count=p.numel(), offset=off)
+            off += p.numel() * nb
+            out.append(torch.from_numpy(arr.astype(np.int64)).reshape(p.shape).to(p.device))
+        return out
+
+    def open(self, shares: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Reveal arithmetic shares to both compute parties (one round)."""
+        theirs = self.exchange([(x, 8) for x in shares])
+        return [a + b for a, b in zip(shares, theirs)]
+
+    def open_xor(self, shares: Sequence[torch.Tensor], nbytes: int = 8) -> list[torch.Tensor]:
+        theirs = self.exchange([(x, nbytes) for x in shares])
+        return [a ^ b for a, b in zip(shares, theirs)]
+
+    # ---- sharing ---------------------------------------------------------------------------
+    def share(self, value: torch.Tensor | None, owner: str, shape: Sequence[int] | None) -> torch.Tensor:
+        s = self.s
+        if owner not in s.parties:
+            raise ValueError(f"owner {owner!r} is not a compute party of this session {list(s.parties)}")
+        if s.party == owner:
+            if value is None:
+                raise ValueError(f"{s.party} owns this secret but passed no value")
+            if shape is not None and tuple(shape) != tuple(value.shape):
+                raise ValueError(f"{s.party}: value has shape {tuple(value.shape)}, but shape={tuple(shape)}")
+            s.transport.send(self.peer, json.dumps({"share_shape": list(value.shape)}).encode())
+            mask = s.pair_prg.int64(value.shape).to(value.device)
+            return value - mask
+        raw = s.transport.recv(owner)
+        try:
+            got = tuple(json.loads(bytes(raw))["share_shape"])
+        except (ValueError, KeyError, TypeError):
+            raise PartyError(f"{s.party}: malformed share header from {owner!r}") from None
+        if shape is not None and tuple(shape) != got:
+            raise ValueError(f"{s.party}: expected a secret of shape {tuple(shape)} from {owner!r}, "
+                             f"but {owner!r} shares shape {got}")
+        return s.pair_prg.int64(got).to(s.device)
+
+    def reveal(self, share: torch.Tensor, to: Sequence[str]) -> torch.Tensor | None:
+        s = self.s
+        unknown = [p for p in to if p not in s.parties]
+        if unknown or not to:
+            raise ValueError(f"reveal(to=...) must name compute parties {list(s.parties)}, got {list(to)}")
+        if self.peer in to:
+            s.transport.send(self.peer, _to_bytes(share, 8))
+        result = None
+        if s.party in to:
+            raw = s.transport.recv(self.peer)
+            if len(raw) != share.numel() * 8:
+                raise PartyError(f"{s.party}: reveal expected {share.numel() * 8} bytes from {self.peer!r}")
+            other = torch.from_numpy(np.frombuffer(raw, dtype=np.int64).copy()).reshape(share.shape)
+            result = share + other.to(share.device)
+        s.stats.rounds += 1
+        return result
+
+    # ---- arithmetic ------------------------------------------------------------------------
+    def add_public(self, share: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return share + value if self.index == 0 else share + torch.zeros_like(value)
+
+    def bilinear(self, x: torch.Tensor, y: torch.Tensor, op: str, kwargs: dict[str, Any]) -> torch.Tensor:
+        from veil.mpc.material import BILINEAR_OPS
+
+        fn = BILINEAR_OPS[op]
+        shape_z = list(fn(torch.empty(x.shape, device="meta"), torch.empty(y.shape, device="meta"),
+                          **kwargs).shape)
+        a, b, c = self.s.dealer.take("triple", op=op, shape_x=list(x.shape), shape_y=list(y.shape),
+                                     shape_z=shape_z, kwargs=kwargs)
+        a, b, c = a.to(x.device), b.to(x.device), c.to(x.device)
+        e, f = self.open([x - a, y - b])
+        z = c + fn(e, b, **kwargs) + fn(a, f, **kwargs)
+        if self.index == 0:
+            z = z + fn(e, f, **kwargs)
+        return z
+
+    def square(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1)
+        a, a2 = self.s.dealer.take("square", n=flat.numel())
+        a, a2 = a.to(x.device), a2.to(x.device)
+        (e,) = self.open([flat - a])
+        z = a2 + 2 * e * a
+        if self.index == 0:
+            z = z + e * e
+        return z.reshape(x.shape)
+
+    def truncate(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        if bits == 0:
+            return x
+        if self.index == 0:
+            return x >> bits
+        return -((-x) >> bits)
+
+    # ---- comparisons -----------------------------------------------------------------------
+    def _tree(self, c: torch.Tensor, r_bin: torch.Tensor, mono: torch.Tensor, triples: list[Any],
+              with_lt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """XOR shares of (LT, EQ) at the two top nodes (bits 0 and 32) of the comparison tree."""
+        i = self.index
+        lt_p, eq_p = circuits.group_polys(c, want_lt=with_lt)
+        eq = circuits.eval_poly(eq_p, r_bin, mono, i)
+        lt = circuits.eval_poly(lt_p, r_bin, mono, i) if with_lt else eq
+        for s, tri in zip(circuits.LEVEL_SPACINGS, triples):
+            m = circuits.PAIR_MASKS[s]
+            hi_eq, lo_eq = (eq >> s) & m, eq & m
+            if with_lt:
+                a, b1, b2, cc = tri
+                hi_lt, lo_lt = (lt >> s) & m, lt & m
+                (opened,) = self.open_xor([(hi_eq ^ a) | ((lo_lt ^ b1) << 1) | ((lo_eq ^ b2) << 2)])
+                d, e1, e2 = circuits.unpack3(opened, m)
+                z1 = (cc & m) ^ (d & b1) ^ (e1 & a)
+                z2 = ((cc >> 1) & m) ^ (d & b2) ^ (e2 & a)
+                if i == 0:
+                    z1, z2 = z1 ^ (d & e1), z2 ^ (d & e2)
+                lt, eq = hi_lt ^ z1, z2
+            else:
+                a, b1, cc = tri
+                (opened,) = self.open_xor([(hi_eq ^ a) | ((lo_eq ^ b1) << 1)])
+                d, e1 = opened & m, (opened >> 1) & m
+                z = cc ^ (d & b1) ^ (e1 & a)
+                if i == 0:
+                    z = z ^ (d & e1)
+                eq = lt = z
+        return lt, eq
+
+    def _finish(self, index_share: torch.Tensor, mat: dict[str, Any], es: Sequence[torch.Tensor],
+                ys: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Open the masked index, read the dealer's truth table: shares of f and of y * f."""
+        (j,) = self.open_xor([index_share ^ mat["m"]], nbytes=1)
+        j = j.unsqueeze(1)
+        f = mat["t"].gather(1, j).squeeze(1)
+        prods = []
+        for (_a, at), e in zip(mat["masks"], es):
+            prods.append(e * f + at.gather(1, j).squeeze(1))
+        return f, prods
+
+    def _take(self, name: str, x: torch.Tensor, ys: Sequence[torch.Tensor]) -> dict[str, Any]:
+        mat = self.s.dealer.take(name, n=x.numel(), ys=len(ys))
+        dev = x.device
+        if dev.type != "cpu":
+            mat = _to_device(mat, dev)
+        return mat
+
+    def msb(self, x: torch.Tensor, ys: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        shape = x.shape
+        flat, yflat = x.reshape(-1), [y.reshape(-1) for y in ys]
+        for y in yflat:
+            if y.numel() != flat.numel():
+                raise ValueError(f"msb: multiplicand has {y.numel()} elements, the secret {flat.numel()}")
+        mat = self._take("msb", flat, yflat)
+        opened = self.open([flat + mat["r"]] + [y - a for y, (a, _) in zip(yflat, mat["masks"])])
+        c, es = opened[0], opened[1:]
+        lt, eq = self._tree(c & circuits.MASK63, mat["r_bin"] & circuits.MASK63, mat["mono"],
+                            mat["triples"], with_lt=True)
+        q = ((lt >> 32) & 1) ^ ((mat["r_bin"] >> 63) & 1)
+        index = q | (((eq >> 32) & 1) << 1) | ((lt & 1) << 2)
+        f, prods = self._finish(index, mat, es, yflat)
+        c63 = (c >> 63) & 1
+        sigma = 1 - 2 * c63
+        bit = sigma * f + (c63 if self.index == 0 else 0)
+        out = [(c63 * y + sigma * p).reshape(shape) for y, p in zip(yflat, prods)]
+        return bit.reshape(shape), out
+
+    def eqz(self, x: torch.Tensor, ys: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        shape = x.shape
+        flat, yflat = x.reshape(-1), [y.reshape(-1) for y in ys]
+        mat = self._take("eqz", flat, yflat)
+        opened = self.open([flat + mat["r"]] + [y - a for y, (a, _) in zip(yflat, mat["masks"])])
+        c, es = opened[0], opened[1:]
+        _, eq = self._tree(c, mat["r_bin"], mat["mono"], mat["triples"], with_lt=False)
+        index = ((eq >> 32) & 1) | ((eq & 1) << 1)
+        f, prods = self._finish(index, mat, es, yflat)
+        return f.reshape(shape), [p.reshape(shape) for p in prods]
+
+
+def _to_device(obj: Any, dev: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, dev) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_device(v, dev) for v in obj)
+    return obj

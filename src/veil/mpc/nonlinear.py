@@ -1,0 +1,174 @@
+"""Comparisons and piecewise-linear functions, composed from the protocol's ``msb`` and ``eqz``.
+
+Costs with the 2-party + dealer protocol (``msb`` and ``eqz`` take 5 rounds):
+
+============================ ====================================================== ========
+function                     composition                                            rounds
+============================ ====================================================== ========
+``x < y``, ``x > y``         ``msb(x - y)``                                         5
+``x == y``                   ``eqz(x - y)``                                         5
+relu, abs, sign              ``msb(x)`` with the product ``x * msb(x)`` in the same   5
+                             rounds (``relu = x - x*msb``, ``abs = x - 2 x*msb``)
+max/argmax over ``k``        tournament: ``max(a, b) = a - (a - b) * msb(a - b)``,  5 ceil(log2 k)
+                             the index carried along as a second product
+max-pool k x k               max over the unfolded windows                          5 ceil(log2 k^2)
+where(c, a, b)               ``b + c * (a - b)`` (one Beaver product)               1
+============================ ====================================================== ========
+
+Comparison results are exact (no approximation): a bit in fixed point (0 or 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from veil.mpc.tensor import SecretTensor
+
+
+def _lift(bit: torch.Tensor, like: SecretTensor) -> SecretTensor:
+    """An integer 0/1 share as a fixed-point SecretTensor."""
+    return like._new(bit << like.frac_bits)
+
+
+def _diff(x: SecretTensor, y: Any) -> SecretTensor:
+    return x - y
+
+
+def lt(x: SecretTensor, y: Any) -> SecretTensor:
+    """``x < y`` elementwise, as a secret 0/1."""
+    bit, _ = x.protocol.msb(_diff(x, y).share)
+    return _lift(bit, x)
+
+
+def eq(x: SecretTensor, y: Any) -> SecretTensor:
+    """``x == y`` elementwise (equal fixed-point encodings), as a secret 0/1."""
+    bit, _ = x.protocol.eqz(_diff(x, y).share)
+    return _lift(bit, x)
+
+
+def relu(x: SecretTensor) -> SecretTensor:
+    _, (xb,) = x.protocol.msb(x.share, [x.share])
+    return x._new(x.share - xb)
+
+
+def abs(x: SecretTensor) -> SecretTensor:  # noqa: A001 - PyTorch's name
+    _, (xb,) = x.protocol.msb(x.share, [x.share])
+    return x._new(x.share - 2 * xb)
+
+
+def sign(x: SecretTensor) -> SecretTensor:
+    """-1 for negative, +1 otherwise (0 counts as positive)."""
+    bit, _ = x.protocol.msb(x.share)
+    return _lift(-2 * bit, x) + 1
+
+
+def where(cond: Any, a: Any, b: Any) -> SecretTensor:
+    """``a`` where ``cond`` else ``b``. A public ``cond`` selects locally; a secret one (0/1) costs
+    one multiplication."""
+    if isinstance(cond, SecretTensor):
+        return cond * (a - b) + b
+    c = torch.as_tensor(cond, dtype=torch.bool)
+    ref = a if isinstance(a, SecretTensor) else b
+    if not isinstance(ref, SecretTensor):
+        raise TypeError("where() needs at least one SecretTensor among cond, a, b")
+    sa = a.share if isinstance(a, SecretTensor) else (ref * 0 + a).share
+    sb = b.share if isinstance(b, SecretTensor) else (ref * 0 + b).share
+    sa, sb = torch.broadcast_tensors(sa, sb)
+    return ref._new(torch.where(c.to(sa.device), sa, sb))
+
+
+def _tournament(vals: torch.Tensor, idx: torch.Tensor | None, proto: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Max (and argmax index shares) over the last dimension of share tensors."""
+    while vals.shape[-1] > 1:
+        k = vals.shape[-1]
+        even = k - (k % 2)
+        a, b = vals[..., 0:even:2], vals[..., 1:even:2]
+        z = a - b
+        ys = [z] if idx is None else [z, idx[..., 0:even:2] - idx[..., 1:even:2]]
+        _, prods = proto.msb(z, ys)
+        new_vals = a - prods[0]
+        new_idx = None if idx is None else idx[..., 0:even:2] - prods[1]
+        if k % 2:
+            new_vals = torch.cat([new_vals, vals[..., -1:]], -1)
+            if idx is not None and new_idx is not None:
+                new_idx = torch.cat([new_idx, idx[..., -1:]], -1)
+        vals, idx = new_vals, new_idx
+    return vals[..., 0], None if idx is None else idx[..., 0]
+
+
+def max(x: SecretTensor, dim: int | None = None, keepdim: bool = False) -> Any:  # noqa: A001
+    """Maximum over ``dim`` (all elements when None). With ``dim``, returns ``(values, indices)`` like
+    ``torch.max``: indices are secret (fixed-point integers), the first maximum wins ties."""
+    if dim is None:
+        vals, _ = _tournament(x.share.reshape(-1), None, x.protocol)
+        return x._new(vals)
+    d = dim % x.dim()
+    moved = x.share.movedim(d, -1)
+    n = moved.shape[-1]
+    ar = torch.arange(n, dtype=torch.int64, device=x.device) << x.frac_bits
+    idx = ar.expand_as(moved).clone() if x.session.index == 0 else torch.zeros_like(moved)
+    vals, ids = _tournament(moved, idx, x.protocol)
+    assert ids is not None
+    if keepdim:
+        vals, ids = vals.unsqueeze(d), ids.unsqueeze(d)
+    return x._new(vals), x._new(ids)
+
+
+def amax(x: SecretTensor, dim: int, keepdim: bool = False) -> SecretTensor:
+    """Maximum values over ``dim`` (no indices: cheaper than :func:`max`)."""
+    d = dim % x.dim()
+    vals, _ = _tournament(x.share.movedim(d, -1), None, x.protocol)
+    return x._new(vals.unsqueeze(d) if keepdim else vals)
+
+
+def argmax(x: SecretTensor, dim: int | None = None, keepdim: bool = False, one_hot: bool = False) -> SecretTensor:
+    """Index of the maximum over ``dim`` (flattened when None), secret. ``one_hot=True`` returns a
+    secret one-hot tensor shaped like ``x`` instead (one ``eqz`` more)."""
+    src = x.reshape(-1) if dim is None else x
+    d = 0 if dim is None else dim
+    _, idx = max(src, dim=d, keepdim=True)
+    if one_hot:
+        n = src.shape[d]
+        shape = [1] * src.dim()
+        shape[d] = n
+        grid = torch.arange(n, dtype=torch.float64).reshape(shape)
+        hot = eq(idx.expand(*src.shape), grid)
+        return hot.reshape(*x.shape)
+    if dim is None:
+        return idx.reshape(())
+    return idx if keepdim else idx.squeeze(d)
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _windows(x: SecretTensor, kernel: Any, stride: Any, padding: Any, fill: int) -> torch.Tensor:
+    if x.dim() not in (3, 4):
+        raise ValueError(f"pooling expects (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(kernel if stride is None else stride)
+    ph, pw = _pair(padding)
+    s = x.share
+    if ph or pw:
+        pad_val = fill if x.session.index == 0 else 0
+        s = torch.nn.functional.pad(s, (pw, pw, ph, ph), value=pad_val)
+    return s.unfold(-2, kh, sh).unfold(-2, kw, sw).flatten(-2)
+
+
+def max_pool2d(x: SecretTensor, kernel_size: Any, stride: Any = None, padding: Any = 0) -> SecretTensor:
+    """``F.max_pool2d``: tournament over each window."""
+    lowest = -(1 << 62) + 1
+    win = _windows(x, kernel_size, stride, padding, lowest)
+    vals, _ = _tournament(win, None, x.protocol)
+    return x._new(vals)
+
+
+def avg_pool2d(x: SecretTensor, kernel_size: Any, stride: Any = None, padding: Any = 0) -> SecretTensor:
+    """``F.avg_pool2d`` (zero padding counted in the average, as PyTorch's default): local."""
+    win = _windows(x, kernel_size, stride, padding, 0)
+    kh, kw = _pair(kernel_size)
+    return x._new(win.sum(-1)) * (1.0 / (kh * kw))

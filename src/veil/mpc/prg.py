@@ -1,0 +1,53 @@
+"""Cryptographically secure pseudo-random generator for shares and masks.
+
+AES-128 in counter mode (OpenSSL through ``cryptography``) keyed with 16 bytes from the operating
+system (``secrets.token_bytes``). AES-CTR is a PRG under the standard assumption that AES is a
+pseudo-random permutation; with one key per (party, purpose) and at most 2^64 blocks per key, the
+output is indistinguishable from uniform to any efficient observer (128-bit security).
+
+Two parties that hold the same key draw the same stream, which is how the dealer hands out
+correlated randomness as a *seed* instead of as data: both ends consume the stream in the same order.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+KEY_BYTES = 16
+
+
+def new_key() -> bytes:
+    """A fresh PRG key from the OS random number generator."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
+class PRG:
+    """A stream of uniformly random 64-bit words (as ``torch.int64``) from an AES-CTR keystream."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        key = new_key() if key is None else key
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"PRG key must be {KEY_BYTES} bytes, got {len(key)}")
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(b"\x00" * 16)).encryptor()
+        self.words_drawn = 0
+        self._zero_buf = b""
+
+    def _zeros(self, n: int) -> memoryview:
+        if len(self._zero_buf) < n:
+            self._zero_buf = bytes(max(n, 2 * len(self._zero_buf)))
+        return memoryview(self._zero_buf)[:n]
+
+    def int64(self, shape: tuple[int, ...] | torch.Size | int) -> torch.Tensor:
+        """Uniform ring elements of the given shape."""
+        size = torch.Size((shape,) if isinstance(shape, int) else shape)
+        n = size.numel()
+        self.words_drawn += n
+        # Two spare words: update_into wants block_size - 1 spare bytes in its output buffer.
+        out = torch.empty(n + 2, dtype=torch.int64)
+        if n:
+            self._enc.update_into(self._zeros(8 * n), out.numpy().view(np.uint8))
+        return out[:n].reshape(size)
