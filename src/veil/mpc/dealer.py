@@ -8,9 +8,10 @@ a request naming a recipe and public shapes.
 Seeds, not data. At start-up the dealer sends AES-CTR keys ``k0`` to party 0 and ``k1`` to party 1.
 Every random share is drawn from these streams by both the dealer and its party, in the same order.
 A *random* field (``rand_arith``/``rand_bin``) costs no traffic at all: its value is the sum (or XOR)
-of the two streams. A *derived* field (``arith``/``bin``: e.g. ``c = a * b`` of a triple) is party 0's
-stream for party 0, and a correction ``value - stream0`` sent to party 1. Dealer traffic is counted
-on the dealer's channels, apart from the compute parties' traffic.
+of the two streams. A *derived* field (``arith``/``bin``: e.g. ``c = a * b`` of a triple) is one
+party's stream for that party, and a correction ``value - stream`` sent to the other party (``to``,
+party 1 unless the recipe spreads the load). Every request is answered by one message to each
+compute party. Dealer traffic is counted on the dealer's channels, apart from the compute parties'.
 
 A recipe is one function written once and run on both sides: on the dealer with :class:`DealerBox`
 (fields are full values, derived fields are computed) and on a party with :class:`PartyBox` (fields
@@ -59,42 +60,57 @@ def _encode(t: torch.Tensor, nbytes: int) -> bytes:
     return arr.astype(_NP_BY_BYTES[nbytes], copy=False).tobytes()
 
 
+def _low(nbytes: int) -> int | None:
+    return (1 << (8 * nbytes)) - 1 if nbytes < 8 else None
+
+
 class DealerBox:
-    """Dealer side: fields are full values; corrections for party 1 are collected in order."""
+    """Dealer side: fields are full values; corrections are collected per receiving party."""
 
     def __init__(self, prg0: PRG, prg1: PRG) -> None:
-        self.prg0, self.prg1 = prg0, prg1
-        self.corrections: list[bytes] = []
+        self.prgs = (prg0, prg1)
+        self.corrections: tuple[list[bytes], list[bytes]] = ([], [])
 
     def rand_arith(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.prg0.int64(shape) + self.prg1.int64(shape)
+        return self.prgs[0].int64(shape) + self.prgs[1].int64(shape)
 
     def rand_bin(self, shape: tuple[int, ...], mask: int | None = None) -> torch.Tensor:
-        return _mask(self.prg0.int64(shape) ^ self.prg1.int64(shape), mask)
+        return _mask(self.prgs[0].int64(shape) ^ self.prgs[1].int64(shape), mask)
 
-    def arith(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _derived(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor]) -> torch.Tensor:
         v = value()
         if tuple(v.shape) != tuple(shape):
             raise ValueError(f"recipe bug: derived field has shape {tuple(v.shape)}, declared {shape}")
-        self.corrections.append(_encode(v - self.prg0.int64(shape), 8))
         return v
 
-    def bin(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor], nbytes: int = 8) -> torch.Tensor:
-        v = value()
-        if tuple(v.shape) != tuple(shape):
-            raise ValueError(f"recipe bug: derived field has shape {tuple(v.shape)}, declared {shape}")
-        low = (1 << (8 * nbytes)) - 1 if nbytes < 8 else None
-        self.corrections.append(_encode(v ^ _mask(self.prg0.int64(shape), low), nbytes))
+    def arith(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor], to: int = 1) -> torch.Tensor:
+        v = self._derived(shape, value)
+        self.corrections[to].append(_encode(v - self.prgs[1 - to].int64(shape), 8))
         return v
+
+    def bin(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor], nbytes: int = 8,
+            to: int = 1) -> torch.Tensor:
+        v = self._derived(shape, value)
+        self.corrections[to].append(_encode(v ^ _mask(self.prgs[1 - to].int64(shape), _low(nbytes)), nbytes))
+        return v
+
+
+class _Pending:
+    """A derived field whose correction from the dealer has not been read yet."""
+
+    __slots__ = ("nbytes", "shape")
+
+    def __init__(self, shape: tuple[int, ...], nbytes: int) -> None:
+        self.shape, self.nbytes = shape, nbytes
 
 
 class PartyBox:
-    """Party side: fields are this party's shares."""
+    """Party side: fields are this party's shares. A derived field is drawn from the stream by one
+    party and is :class:`_Pending` at the other (``to``) until the dealer's message is read."""
 
-    def __init__(self, index: int, prg: PRG, fetch: Callable[[], bytearray]) -> None:
-        self.index, self.prg, self._fetch = index, prg, fetch
-        self._buf: bytearray | None = None
-        self._offset = 0
+    def __init__(self, index: int, prg: PRG) -> None:
+        self.index, self.prg = index, prg
+        self.pending: list[_Pending] = []
 
     def rand_arith(self, shape: tuple[int, ...]) -> torch.Tensor:
         return self.prg.int64(shape)
@@ -102,63 +118,99 @@ class PartyBox:
     def rand_bin(self, shape: tuple[int, ...], mask: int | None = None) -> torch.Tensor:
         return _mask(self.prg.int64(shape), mask)
 
-    def _take(self, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
-        if self._buf is None:
-            self._buf = self._fetch()
-        n = int(np.prod(shape)) if len(shape) else 1
-        end = self._offset + n * nbytes
-        if end > len(self._buf):
-            raise PartyError("dealer's message is shorter than the recipe needs (parties out of step?)")
-        arr = np.frombuffer(self._buf, dtype=_NP_BY_BYTES[nbytes], count=n, offset=self._offset)
-        self._offset = end
-        return torch.from_numpy(arr.astype(np.int64)).reshape(shape)
+    def _later(self, shape: tuple[int, ...], nbytes: int) -> Any:
+        p = _Pending(tuple(shape), nbytes)
+        self.pending.append(p)
+        return p
 
-    def arith(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return self.prg.int64(shape) if self.index == 0 else self._take(shape, 8)
+    def arith(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor], to: int = 1) -> Any:
+        return self._later(shape, 8) if self.index == to else self.prg.int64(shape)
 
-    def bin(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor], nbytes: int = 8) -> torch.Tensor:
-        if self.index == 0:
-            low = (1 << (8 * nbytes)) - 1 if nbytes < 8 else None
-            return _mask(self.prg.int64(shape), low)
-        return self._take(shape, nbytes)
+    def bin(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor], nbytes: int = 8,
+            to: int = 1) -> Any:
+        if self.index == to:
+            return self._later(shape, nbytes)
+        return _mask(self.prg.int64(shape), _low(nbytes))
 
-    def finish(self) -> None:
-        """Party 1 consumes the dealer's message even when the recipe had no derived field."""
-        if self.index == 1:
-            if self._buf is None:
-                self._buf = self._fetch()
-            if self._offset != len(self._buf):
-                raise PartyError(f"dealer's message has {len(self._buf) - self._offset} bytes the "
-                                 f"recipe did not use (parties out of step?)")
+
+class Material:
+    """What a recipe returned at a party, read like a dict. Derived fields are filled in from the
+    dealer's message on first access, so the dealer's work overlaps the parties' first round
+    (which uses random fields only)."""
+
+    def __init__(self, fields: dict[str, Any], pending: list[_Pending], fetch: Callable[[], bytearray]) -> None:
+        self._fields, self._pending, self._fetch = fields, pending, fetch
+        self._values: dict[int, torch.Tensor] | None = None
+
+    def resolve(self) -> None:
+        """Read this request's message from the dealer (every request has one, maybe empty)."""
+        if self._values is not None:
+            return
+        buf = self._fetch()
+        values, off = {}, 0
+        for p in self._pending:
+            n = int(np.prod(p.shape)) if p.shape else 1
+            if off + n * p.nbytes > len(buf):
+                raise PartyError("dealer's message is shorter than the recipe needs (parties out of step?)")
+            arr = np.frombuffer(buf, dtype=_NP_BY_BYTES[p.nbytes], count=n, offset=off)
+            values[id(p)] = torch.from_numpy(arr.astype(np.int64)).reshape(p.shape)
+            off += n * p.nbytes
+        if off != len(buf):
+            raise PartyError(f"dealer's message has {len(buf) - off} bytes the recipe did not use "
+                             f"(parties out of step?)")
+        self._values = values
+
+    def _fill(self, obj: Any) -> Any:
+        if isinstance(obj, _Pending):
+            self.resolve()
+            assert self._values is not None
+            return self._values[id(obj)]
+        if isinstance(obj, list | tuple):
+            return type(obj)(self._fill(v) for v in obj)
+        if isinstance(obj, dict):
+            return {k: self._fill(v) for k, v in obj.items()}
+        return obj
+
+    def __getitem__(self, key: str) -> Any:
+        return self._fill(self._fields[key])
 
 
 class DealerClient:
-    """A compute party's end of the dealer: runs recipes on its own streams and the dealer's messages."""
+    """A compute party's end of the dealer: runs recipes on its own stream and the dealer's messages."""
 
     def __init__(self, transport: Transport, index: int, dealer: str) -> None:
         self.transport, self.index, self.dealer = transport, index, dealer
         key = transport.recv(dealer)
         self.prg = PRG(bytes(key))
         self.requests = 0
+        self._last: Material | None = None
 
-    def _fetch(self) -> bytearray:
-        msg = self.transport.recv(self.dealer)
-        (counter,) = _REPLY.unpack_from(msg)
-        if counter != self.requests:
-            raise PartyError(f"dealer answered request {counter}, expected {self.requests}")
-        return msg[_REPLY.size:]
+    def _fetcher(self, counter: int) -> Callable[[], bytearray]:
+        def fetch() -> bytearray:
+            msg = self.transport.recv(self.dealer)
+            (got,) = _REPLY.unpack_from(msg)
+            if got != counter:
+                raise PartyError(f"dealer answered request {got}, expected {counter}")
+            return msg[_REPLY.size:]
 
-    def take(self, name: str, **params: Any) -> Any:
+        return fetch
+
+    def take(self, name: str, **params: Any) -> Material:
+        """Material of recipe ``name`` for this party (party 0 sends the request to the dealer)."""
+        if self._last is not None:
+            self._last.resolve()  # messages arrive in order: finish reading the previous one
         fn = RECIPES[name]
         if self.index == 0:
             self.transport.send(self.dealer, json.dumps({"recipe": name, "params": params}).encode())
-        box = PartyBox(self.index, self.prg, self._fetch)
-        out = fn(box, **params)
-        box.finish()
+        box = PartyBox(self.index, self.prg)
+        fields = fn(box, **params)
+        self._last = Material(fields, box.pending, self._fetcher(self.requests))
         self.requests += 1
-        return out
+        return self._last
 
     def close(self) -> None:
+        if self._last is not None:
+            self._last.resolve()
         if self.index == 0:
             self.transport.send(self.dealer, json.dumps({"recipe": None}).encode())
 
@@ -196,5 +248,6 @@ def serve(transport: Transport, compute_parties: tuple[str, str]) -> int:
         _check_params(name, params)
         box = DealerBox(prg0, prg1)
         RECIPES[name](box, **params)
-        transport.send(p1, _REPLY.pack(served) + b"".join(box.corrections))
+        for party, parts in zip((p0, p1), box.corrections):
+            transport.send(party, _REPLY.pack(served) + b"".join(parts))
         served += 1

@@ -138,23 +138,26 @@ class DealerProtocol2PC(Protocol):
         from veil.mpc.material import BILINEAR_OPS
 
         fn = BILINEAR_OPS[op]
-        shape_z = list(fn(torch.empty(x.shape, device="meta"), torch.empty(y.shape, device="meta"),
-                          **kwargs).shape)
-        a, b, c = self.s.dealer.take("triple", op=op, shape_x=list(x.shape), shape_y=list(y.shape),
-                                     shape_z=shape_z, kwargs=kwargs)
-        a, b, c = a.to(x.device), b.to(x.device), c.to(x.device)
+        if op == "mul":
+            shape_z = list(torch.broadcast_shapes(x.shape, y.shape))
+        else:
+            shape_z = list(fn(torch.empty(x.shape, device="meta"), torch.empty(y.shape, device="meta"),
+                              **kwargs).shape)
+        mat = self.s.dealer.take("triple", op=op, shape_x=list(x.shape), shape_y=list(y.shape),
+                                 shape_z=shape_z, kwargs=kwargs)
+        a, b = mat["a"].to(x.device), mat["b"].to(x.device)
         e, f = self.open([x - a, y - b])
-        z = c + fn(e, b, **kwargs) + fn(a, f, **kwargs)
+        z = mat["c"].to(x.device) + fn(e, b, **kwargs) + fn(a, f, **kwargs)
         if self.index == 0:
             z = z + fn(e, f, **kwargs)
         return z
 
     def square(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1)
-        a, a2 = self.s.dealer.take("square", n=flat.numel())
-        a, a2 = a.to(x.device), a2.to(x.device)
+        mat = self.s.dealer.take("square", n=flat.numel())
+        a = mat["a"].to(x.device)
         (e,) = self.open([flat - a])
-        z = a2 + 2 * e * a
+        z = mat["a2"].to(x.device) + 2 * e * a
         if self.index == 0:
             z = z + e * e
         return z.reshape(x.shape)
@@ -167,18 +170,19 @@ class DealerProtocol2PC(Protocol):
         return -((-x) >> bits)
 
     # ---- comparisons -----------------------------------------------------------------------
-    def _tree(self, c: torch.Tensor, r_bin: torch.Tensor, mono: torch.Tensor, triples: list[Any],
+    def _tree(self, c: torch.Tensor, r_bin: torch.Tensor, mono: torch.Tensor, triples: dict[str, Any],
               with_lt: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """XOR shares of (LT, EQ) at the two top nodes (bits 0 and 32) of the comparison tree."""
         i = self.index
         lt_p, eq_p = circuits.group_polys(c, want_lt=with_lt)
         eq = circuits.eval_poly(eq_p, r_bin, mono, i)
         lt = circuits.eval_poly(lt_p, r_bin, mono, i) if with_lt else eq
-        for s, tri in zip(circuits.LEVEL_SPACINGS, triples):
+        products = triples["c"]
+        for lvl, (s, (a, b1, b2)) in enumerate(zip(circuits.LEVEL_SPACINGS, triples["levels"])):
             m = circuits.PAIR_MASKS[s]
             hi_eq, lo_eq = (eq >> s) & m, eq & m
+            cc = products >> (2 * lvl)
             if with_lt:
-                a, b1, b2, cc = tri
                 hi_lt, lo_lt = (lt >> s) & m, lt & m
                 (opened,) = self.open_xor([(hi_eq ^ a) | ((lo_lt ^ b1) << 1) | ((lo_eq ^ b2) << 2)])
                 d, e1, e2 = circuits.unpack3(opened, m)
@@ -188,32 +192,30 @@ class DealerProtocol2PC(Protocol):
                     z1, z2 = z1 ^ (d & e1), z2 ^ (d & e2)
                 lt, eq = hi_lt ^ z1, z2
             else:
-                a, b1, cc = tri
                 (opened,) = self.open_xor([(hi_eq ^ a) | ((lo_eq ^ b1) << 1)])
                 d, e1 = opened & m, (opened >> 1) & m
-                z = cc ^ (d & b1) ^ (e1 & a)
+                z = (cc & m) ^ (d & b1) ^ (e1 & a)
                 if i == 0:
                     z = z ^ (d & e1)
                 eq = lt = z
         return lt, eq
 
     def _finish(self, index_share: torch.Tensor, mat: dict[str, Any], es: Sequence[torch.Tensor],
-                ys: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Open the masked index, read the dealer's truth table: shares of f and of y * f."""
-        (j,) = self.open_xor([index_share ^ mat["m"]], nbytes=1)
-        j = j.unsqueeze(1)
-        f = mat["t"].gather(1, j).squeeze(1)
-        prods = []
-        for (_a, at), e in zip(mat["masks"], es):
-            prods.append(e * f + at.gather(1, j).squeeze(1))
-        return f, prods
+                low_bit: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Open the masked final bits and read the dealer's 4-entry truth table at the opened index.
 
-    def _take(self, name: str, x: torch.Tensor, ys: Sequence[torch.Tensor]) -> dict[str, Any]:
-        mat = self.s.dealer.take(name, n=x.numel(), ys=len(ys))
-        dev = x.device
-        if dev.type != "cpu":
-            mat = _to_device(mat, dev)
-        return mat
+        Returns the opened low bit (msb only; zeros for eqz), the shares of the table entry ``h``
+        and of ``y * h`` for each multiplicand ``y`` (from ``e = y - a`` and the dealer's ``a * T``).
+        """
+        (j,) = self.open_xor([index_share ^ mat["m"]], nbytes=1)
+        low = j & 1 if low_bit else torch.zeros_like(j)
+        k = (j >> 1 if low_bit else j).unsqueeze(1)
+        h = mat["t"].gather(1, k).squeeze(1)
+        prods = [e * h + at.gather(1, k).squeeze(1) for (_a, at), e in zip(mat["masks"], es)]
+        return low, h, prods
+
+    def _take(self, name: str, x: torch.Tensor, ys: Sequence[torch.Tensor]) -> Any:
+        return _OnDevice(self.s.dealer.take(name, n=x.numel(), ys=len(ys)), x.device)
 
     def msb(self, x: torch.Tensor, ys: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         shape = x.shape
@@ -228,11 +230,12 @@ class DealerProtocol2PC(Protocol):
                             mat["triples"], with_lt=True)
         q = ((lt >> 32) & 1) ^ ((mat["r_bin"] >> 63) & 1)
         index = q | (((eq >> 32) & 1) << 1) | ((lt & 1) << 2)
-        f, prods = self._finish(index, mat, es, yflat)
-        c63 = (c >> 63) & 1
-        sigma = 1 - 2 * c63
-        bit = sigma * f + (c63 if self.index == 0 else 0)
-        out = [(c63 * y + sigma * p).reshape(shape) for y, p in zip(yflat, prods)]
+        q_hat, h, prods = self._finish(index, mat, es, low_bit=True)
+        # msb = c63 ^ q_hat ^ h with h the table entry: arithmetic p + (1 - 2p) h for public p
+        p = ((c >> 63) & 1) ^ q_hat
+        sigma = 1 - 2 * p
+        bit = sigma * h + (p if self.index == 0 else 0)
+        out = [(p * y + sigma * yh).reshape(shape) for y, yh in zip(yflat, prods)]
         return bit.reshape(shape), out
 
     def eqz(self, x: torch.Tensor, ys: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -243,8 +246,19 @@ class DealerProtocol2PC(Protocol):
         c, es = opened[0], opened[1:]
         _, eq = self._tree(c, mat["r_bin"], mat["mono"], mat["triples"], with_lt=False)
         index = ((eq >> 32) & 1) | ((eq & 1) << 1)
-        f, prods = self._finish(index, mat, es, yflat)
-        return f.reshape(shape), [p.reshape(shape) for p in prods]
+        _, h, prods = self._finish(index, mat, es, low_bit=False)
+        return h.reshape(shape), [p.reshape(shape) for p in prods]
+
+
+class _OnDevice:
+    """Material fields moved to the computation's device on access."""
+
+    def __init__(self, mat: Any, device: torch.device) -> None:
+        self.mat, self.device = mat, device
+
+    def __getitem__(self, key: str) -> Any:
+        v = self.mat[key]
+        return v if self.device.type == "cpu" else _to_device(v, self.device)
 
 
 def _to_device(obj: Any, dev: torch.device) -> Any:

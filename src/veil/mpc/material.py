@@ -27,63 +27,76 @@ BILINEAR_OPS = {
 
 @recipe("triple")
 def triple(box: Any, op: str, shape_x: list[int], shape_y: list[int], shape_z: list[int],
-           kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Beaver triple ``(a, b, c = op(a, b))`` for a bilinear ``op`` (mul, matmul, convolutions)."""
     fn = BILINEAR_OPS[op]
     kw = kwargs or {}
     a = box.rand_arith(tuple(shape_x))
     b = box.rand_arith(tuple(shape_y))
     c = box.arith(tuple(shape_z), lambda: fn(a, b, **kw))
-    return a, b, c
+    return {"a": a, "b": b, "c": c}
 
 
 @recipe("square")
-def square(box: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def square(box: Any, n: int) -> dict[str, Any]:
     """Pair ``(a, a^2)`` for squaring a secret in one opening of 8 bytes per element."""
     a = box.rand_arith((n,))
-    return a, box.arith((n,), lambda: a * a)
+    return {"a": a, "a2": box.arith((n,), lambda: a * a)}
 
 
-def _tree_triples(box: Any, n: int, with_lt: bool) -> list[tuple[torch.Tensor, ...]]:
-    out = []
+def _tree_triples(box: Any, n: int, with_lt: bool) -> dict[str, Any]:
+    """AND triples of the three tree levels: per level masks ``a`` and ``b1`` (``b2``), and all
+    products packed in one word (level ``l`` at bit offset ``2 l``; see ``circuits.tree_products``)."""
+    levels = []
     for s in circuits.LEVEL_SPACINGS:
         m = circuits.PAIR_MASKS[s]
-        a = box.rand_bin((n,), m)
-        b1 = box.rand_bin((n,), m)
-        if with_lt:
-            b2 = box.rand_bin((n,), m)
-            c = box.bin((n,), lambda a=a, b1=b1, b2=b2: (a & b1) | ((a & b2) << 1))
-            out.append((a, b1, b2, c))
-        else:
-            out.append((a, b1, box.bin((n,), lambda a=a, b1=b1: a & b1)))
-    return out
+        a, b1 = box.rand_bin((n,), m), box.rand_bin((n,), m)
+        b2 = box.rand_bin((n,), m) if with_lt else None
+        levels.append((a, b1, b2))
+
+    def products() -> torch.Tensor:
+        word = torch.zeros((n,), dtype=torch.int64)
+        for lvl, (a, b1, b2) in enumerate(levels):
+            word |= (a & b1) << (2 * lvl)
+            if b2 is not None:
+                word |= (a & b2) << (2 * lvl + 1)
+        return word
+
+    return {"levels": levels, "c": box.bin((n,), products)}
 
 
-def _table(box: Any, n: int, bits: int, fn: Any, ys: int) -> tuple[Any, ...]:
-    """Random mask ``m`` of ``bits`` XOR-shared bits, the shifted truth table ``T[j] = fn(j ^ m)``
-    as arithmetic shares, and for each of ``ys`` multiplicands a mask ``a`` and ``a * T``."""
-    m = box.rand_bin((n,), (1 << bits) - 1)
-    size = 1 << bits
+def _table(box: Any, n: int, mask_bits: int, fn: Any, ys: int) -> tuple[Any, ...]:
+    """Random mask ``m`` of ``mask_bits`` XOR-shared bits; the truth table ``T[k] = fn(k, m)`` over
+    the 4 values of the two opened bits ``k``, as arithmetic shares; and for each of ``ys``
+    multiplicands a mask ``a`` with ``a * T``."""
+    m = box.rand_bin((n,), (1 << mask_bits) - 1)
 
     def table() -> torch.Tensor:
-        j = torch.arange(size, dtype=torch.int64)
-        return fn(j[None, :] ^ m[:, None])
+        k = torch.arange(4, dtype=torch.int64)
+        return fn(k[None, :], m[:, None])
 
-    t = box.arith((n, size), table)
+    # Tables are needed last: their corrections go to party 0, the early fields' to party 1, so
+    # the dealer's two links carry the load in parallel.
+    t = box.arith((n, 4), table, to=0)
     masks = []
     for _ in range(ys):
         a = box.rand_arith((n,))
-        masks.append((a, box.arith((n, size), lambda a=a: a[:, None] * t)))
+        masks.append((a, box.arith((n, 4), lambda a=a: a[:, None] * t, to=0)))
     return m, t, masks
 
 
-def _msb_fn(j: torch.Tensor) -> torch.Tensor:
-    # bits of j: q (borrow-in xor r63), v (EQ of the high half), w (LT of the low half)
-    return (j & 1) ^ ((j >> 1) & (j >> 2) & 1)
+def _and2(k: torch.Tensor) -> torch.Tensor:
+    return k & (k >> 1) & 1
 
 
-def _eq_fn(j: torch.Tensor) -> torch.Tensor:
-    return j & (j >> 1) & 1
+def _msb_fn(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    # m = (alpha, beta, gamma); k = opened (v ^ beta, w ^ gamma); h = alpha ^ (v & w)
+    return (m & 1) ^ _and2(k ^ (m >> 1))
+
+
+def _eq_fn(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    # m = (beta, gamma); k = opened (v ^ beta, w ^ gamma); h = v & w
+    return _and2(k ^ m)
 
 
 @recipe("msb")

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from veil.mpc import dealer as dealer_mod
 from veil.mpc.session import Session, SessionOptions
 from veil.net.transport import DEFAULT_TIMEOUT_S, Transport
@@ -27,7 +29,9 @@ DEALER = "dealer"
 
 
 def _party_main(program: Callable[..., Any], args: Sequence[Any], parties: Sequence[str], dealer: str,
-                options: SessionOptions | None, transport: Transport) -> Any:
+                options: SessionOptions | None, threads: int | None, transport: Transport) -> Any:
+    if threads is not None:
+        torch.set_num_threads(threads)
     if transport.party == dealer:
         return {"requests": dealer_mod.serve(transport, (parties[0], parties[1])),
                 "traffic": transport.stats.as_dict()}
@@ -60,9 +64,11 @@ def load_program(path: Path) -> Callable[..., Any]:
 
 
 def _targets(program: Callable[..., Any], args: Sequence[Any], parties: Sequence[str], dealer: str,
-             options: SessionOptions | None) -> dict[str, Callable[[Transport], Any]]:
+             options: SessionOptions | None, separate_processes: bool) -> dict[str, Callable[[Transport], Any]]:
     names = [*parties, dealer]
-    return {n: functools.partial(_party_main, program, tuple(args), tuple(parties), dealer, options)
+    # Parties of one machine share its cores: one torch thread each avoids oversubscription.
+    threads = 1 if separate_processes else None
+    return {n: functools.partial(_party_main, program, tuple(args), tuple(parties), dealer, options, threads)
             for n in names}
 
 
@@ -78,7 +84,7 @@ def launch(program: Callable[..., Any], *args: Any, protocol: str = "2pc", trans
     """
     if protocol != "2pc":
         raise ValueError(f"unknown protocol {protocol!r}; available: ['2pc']")
-    targets = _targets(program, args, parties, dealer, options)
+    targets = _targets(program, args, parties, dealer, options, separate_processes=transport == "tcp")
     if transport == "local":
         from veil.net.local import run_threads
 
@@ -116,6 +122,6 @@ def run_party(path: Path, *, party: str, peers_file: Path, timeout: float = DEFA
     program = (lambda s: None) if party == DEALER else load_program(path)
     transport = TLSTransport.connect(party, cfg.addresses, cfg.certs_dir, cfg.session_id, timeout=timeout)
     try:
-        return _party_main(program, (), compute, DEALER, options, transport)
+        return _party_main(program, (), compute, DEALER, options, None, transport)
     finally:
         transport.close()

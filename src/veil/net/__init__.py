@@ -1,0 +1,1 @@
+"""Transports between parties: in-process (tests) and TCP with mutual TLS; the local launcher."""

@@ -1,0 +1,204 @@
+"""TLSTransport over 127.0.0.1, parties as threads of this process (veil.net.tls)."""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from veil.net.certs import generate_certificates
+from veil.net.tls import TLSTransport
+from veil.net.transport import HEADER, PartyError, pack_header
+
+BIG = 20_000_000
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An honest deployment, plus a forger's CA that issued certificates for the same names."""
+    root = tmp_path_factory.mktemp("pki")
+    generate_certificates(["alice", "bob", "dealer", "mallory"], root / "honest")
+    generate_certificates(["alice", "bob"], root / "evil")
+    return {"honest": root / "honest", "evil": root / "evil", "root": root}
+
+
+def _certs_dir(pki: dict[str, Path], name: str, party: str, source: tuple[str, str]) -> Path:
+    """A certs dir for ``party``: the honest ca.pem, with ``party``'s files taken from ``source``."""
+    d = pki["root"] / name
+    d.mkdir(exist_ok=True)
+    shutil.copy(pki["honest"] / "ca.pem", d / "ca.pem")
+    src_dir, src_party = pki[source[0]], source[1]
+    for ext in ("pem", "key"):
+        shutil.copy(src_dir / f"{src_party}.{ext}", d / f"{party}.{ext}")
+    return d
+
+
+def _listeners(parties: list[str]) -> tuple[dict[str, socket.socket], dict[str, tuple[str, int]]]:
+    socks = {p: socket.create_server(("127.0.0.1", 0)) for p in parties}
+    return socks, {p: ("127.0.0.1", s.getsockname()[1]) for p, s in socks.items()}
+
+
+def _run(bodies: dict[str, Callable[[], Any]], limit: float = 20.0) -> dict[str, Any]:
+    """Run each body in a thread; return its result or exception; fail the test if one hangs."""
+    out: dict[str, Any] = {}
+
+    def wrap(name: str) -> None:
+        try:
+            out[name] = bodies[name]()
+        except BaseException as e:
+            out[name] = e
+
+    threads = [threading.Thread(target=wrap, args=(n,), daemon=True) for n in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=limit)
+    assert not any(t.is_alive() for t in threads), "a party hung"
+    return out
+
+
+def _session(parties: list[str], certs: dict[str, Path], sessions: dict[str, bytes] | None = None,
+             body: Callable[[TLSTransport], Any] | None = None, **kw: Any) -> dict[str, Any]:
+    socks, addrs = _listeners(parties)
+    sid = secrets.token_bytes(16)
+
+    def party(p: str) -> Any:
+        t = TLSTransport.connect(p, addrs, certs[p], (sessions or {}).get(p, sid), listen_socket=socks[p],
+                                 connect_timeout=5.0, **kw)
+        with t:
+            return body(t) if body else "connected"
+
+    return _run({p: functools.partial(party, p) for p in parties})
+
+
+def test_three_parties_exchange_both_ways_with_big_simultaneous_payloads(pki: dict[str, Path]) -> None:
+    payloads = {p: secrets.token_bytes(BIG) for p in ("alice", "bob")}
+    dealer_done = threading.Event()
+
+    def body(t: TLSTransport) -> dict[str, Any]:
+        for q in t.peers:
+            t.send(q, f"{t.party}->{q}".encode())
+        got = {q: bytes(t.recv(q)) for q in t.peers}
+        if t.party == "dealer":
+            t.close()  # done early: the others must not fail while they do not expect its messages
+            dealer_done.set()
+            return {"got": got, "stats": t.stats.copy()}
+        assert dealer_done.wait(10)
+        other = "bob" if t.party == "alice" else "alice"
+        t.send(other, memoryview(payloads[t.party]))  # both send 20 MB before either receives
+        big = t.recv(other)
+        t.send(other, b"after the dealer left")
+        last = bytes(t.recv(other))
+        start = time.monotonic()
+        with pytest.raises(PartyError, match="'dealer' closed its connection"):
+            t.recv("dealer")
+        return {"got": got, "big_ok": big == payloads[other], "last": last, "stats": t.stats.copy(),
+                "closed_error_s": time.monotonic() - start}
+
+    certs = {p: pki["honest"] for p in ("alice", "bob", "dealer")}
+    res = _session(["alice", "bob", "dealer"], certs, body=body, timeout=30.0)
+    for p, r in res.items():
+        assert not isinstance(r, BaseException), f"{p}: {r!r}"
+        assert r["got"] == {q: f"{q}->{p}".encode() for q in ("alice", "bob", "dealer") if q != p}
+    for p, other in (("alice", "bob"), ("bob", "alice")):
+        r = res[p]
+        assert r["big_ok"] and r["last"] == b"after the dealer left"
+        assert r["closed_error_s"] < 2.0  # a closed peer is reported at once, not after the timeout
+        small = HEADER.size + len(f"{p}->{other}")
+        assert r["stats"].bytes_sent[other] == small + HEADER.size + BIG + HEADER.size + 21
+        assert r["stats"].messages_sent == {"bob" if p == "alice" else "alice": 3, "dealer": 1}
+        assert r["stats"].bytes_received["dealer"] == HEADER.size + len(f"dealer->{p}")
+    assert res["dealer"]["stats"].bytes_sent == {"alice": HEADER.size + 13, "bob": HEADER.size + 11}
+
+
+def test_a_peer_with_another_session_id_is_refused(pki: dict[str, Path]) -> None:
+    certs = {"alice": pki["honest"], "bob": pki["honest"]}
+    res = _session(["alice", "bob"], certs, sessions={"alice": b"A" * 16, "bob": b"B" * 16})
+    for p in ("alice", "bob"):
+        assert isinstance(res[p], PartyError), res[p]
+        assert "session id" in str(res[p])
+    assert (b"A" * 16).hex() in str(res["alice"]) and (b"B" * 16).hex() in str(res["alice"])
+
+
+@pytest.mark.parametrize("forger", ["alice", "bob"])  # alice accepts, bob connects
+def test_a_certificate_from_another_ca_is_refused(pki: dict[str, Path], forger: str) -> None:
+    honest = "bob" if forger == "alice" else "alice"
+    forged = _certs_dir(pki, f"forged-{forger}", forger, ("evil", forger))
+    res = _session(["alice", "bob"], {honest: pki["honest"], forger: forged})
+    assert isinstance(res[honest], PartyError), res[honest]
+    assert "certificate" in str(res[honest]) and "CA" in str(res[honest])
+    assert isinstance(res[forger], PartyError), res[forger]
+
+
+@pytest.mark.parametrize("impostor", ["alice", "bob"])
+def test_a_certificate_for_another_party_is_refused(pki: dict[str, Path], impostor: str) -> None:
+    honest = "bob" if impostor == "alice" else "alice"
+    fake = _certs_dir(pki, f"mallory-as-{impostor}", impostor, ("honest", "mallory"))
+    res = _session(["alice", "bob"], {honest: pki["honest"], impostor: fake})
+    assert isinstance(res[honest], PartyError), res[honest]
+    assert "'mallory'" in str(res[honest]) and f"'{impostor}'" in str(res[honest])
+    assert isinstance(res[impostor], PartyError), res[impostor]
+
+
+def test_recv_times_out_with_a_clear_error(pki: dict[str, Path]) -> None:
+    release = threading.Event()
+
+    def body(t: TLSTransport) -> float:
+        if t.party == "bob":
+            release.wait(10)
+            return 0.0
+        start = time.monotonic()
+        try:
+            with pytest.raises(PartyError, match=r"no message from 'bob' within 0.5 s \(the party died"):
+                t.recv("bob")
+        finally:
+            release.set()
+        return time.monotonic() - start
+
+    res = _session(["alice", "bob"], {"alice": pki["honest"], "bob": pki["honest"]}, body=body,
+                   timeout=0.5)
+    assert 0.4 < res["alice"] < 5.0, res
+
+
+def test_out_of_order_frame_is_refused(pki: dict[str, Path]) -> None:
+    def body(t: TLSTransport) -> Any:
+        if t.party == "bob":  # write a raw frame with sequence number 5 instead of 0
+            t._channels["alice"].write(pack_header(t.session_id, 5, 3) + b"abc")
+            return t.recv("alice")
+        with pytest.raises(PartyError, match="sequence number 5, expected 0"):
+            t.recv("bob")
+        t.send("bob", b"ok")
+        return "refused"
+
+    res = _session(["alice", "bob"], {"alice": pki["honest"], "bob": pki["honest"]}, body=body)
+    assert res == {"alice": "refused", "bob": b"ok"}
+
+
+def test_unreachable_peer_fails_after_connect_timeout(pki: dict[str, Path]) -> None:
+    socks, addrs = _listeners(["alice", "bob"])
+    socks["alice"].close()  # nobody listens for alice any more
+    start = time.monotonic()
+    with pytest.raises(PartyError, match="could not connect to 'alice'"):
+        TLSTransport.connect("bob", addrs, pki["honest"], bytes(16), listen_socket=socks["bob"],
+                             connect_timeout=0.5)
+    assert time.monotonic() - start < 5.0
+
+
+def test_send_and_recv_check_the_peer_name(pki: dict[str, Path]) -> None:
+    def body(t: TLSTransport) -> str:
+        with pytest.raises(PartyError, match="no channel to 'carol'"):
+            t.send("carol", b"x")
+        with pytest.raises(PartyError, match="no channel to"):
+            t.recv(t.party)
+        return "ok"
+
+    res = _session(["alice", "bob"], {"alice": pki["honest"], "bob": pki["honest"]}, body=body)
+    assert res == {"alice": "ok", "bob": "ok"}
