@@ -171,7 +171,7 @@ def test_recv_times_out_with_a_clear_error(pki: dict[str, Path]) -> None:
 def test_out_of_order_frame_is_refused(pki: dict[str, Path]) -> None:
     def body(t: TLSTransport) -> Any:
         if t.party == "bob":  # write a raw frame with sequence number 5 instead of 0
-            t._channels["alice"].write(pack_header(t.session_id, 5, 3) + b"abc")
+            t._out["alice"].write(pack_header(t.session_id, 5, 3), memoryview(b"abc"))
             return t.recv("alice")
         with pytest.raises(PartyError, match="sequence number 5, expected 0"):
             t.recv("bob")

@@ -14,13 +14,12 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from veil.cli import keygen
+from veil.cli import keygen, run
 
 # --- Registered command modules (add new ones here, in the order `veil --help` lists them) ---------
-# from veil.cli import run  # `veil run`: to be added
 COMMANDS: tuple[ModuleType, ...] = (
     keygen,
-    # run,
+    run,
 )
 
 

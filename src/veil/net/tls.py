@@ -8,15 +8,16 @@ Security properties:
   (``ca.pem`` from ``veil keygen``, the only trust anchor loaded), and after the handshake each side
   checks that the peer's certificate names exactly the party it expects (CN and SAN). A party with a
   certificate from another CA, or for another name, is refused with :class:`PartyError`.
-* **Session binding**: after TLS both sides exchange a hello (party name + session id); a party of
-  another run is refused. Every frame then carries the session id and a per-pair sequence number
+* **Session binding**: after TLS the dialing side sends a hello (party name + session id), checked
+  by the accepting side, on both directions of every pair; a party of another run is refused.
+  Every frame then carries the session id and a per-pair sequence number
   (see ``veil.net.transport``), so frames are never taken from another run, replayed or reordered.
 * A connection that ends at a frame boundary is reported as the peer closing; the protocol layer
   fails on the message it still expects, so truncation cannot pass for data.
 
-Connection setup: parties are ordered (the order of ``addresses``); every party listens on its own
-address; for each pair the *later* party connects to the earlier one (retrying until
-``connect_timeout``), the earlier one accepts.
+Connection setup: every party listens on its own address and dials every other party (retrying
+until ``connect_timeout``): two connections per pair, one per direction, each written by the party
+that dialed it and read by the one that accepted it (see :mod:`veil.net.tlschannel`).
 
 The hello (party name + session id) and the threading model are described in
 :mod:`veil.net.tlschannel`; frames follow :mod:`veil.net.transport`.
@@ -24,15 +25,17 @@ The hello (party name + session id) and the threading model are described in
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from veil.net.certs import Credentials, load_credentials, validate_party_names
-from veil.net.tlschannel import SMALL, PeerClosed, TLSChannel
+from veil.net.tlschannel import Incoming, Outgoing, PeerClosed, hello_bytes, identity, read_hello
 from veil.net.transport import (
     DEFAULT_TIMEOUT_S,
     HEADER,
@@ -84,8 +87,13 @@ def _setup_error(me: str, who: str, e: BaseException) -> PartyError:
     return PartyError(f"{me}: setup with {who} failed: {e}")
 
 
+def _handshake(tls: ssl.SSLSocket) -> None:
+    tls.do_handshake()
+
+
 def _dial(me: str, peer: str, addr: tuple[str, int], ctx: ssl.SSLContext, session_id: bytes,
-          deadline: float, connect_timeout: float) -> TLSChannel:
+          deadline: float, connect_timeout: float, timeout: float) -> Outgoing:
+    """Connect to ``peer``, check its certificate names it, send our hello."""
     who, last = f"{peer!r} at {addr[0]}:{addr[1]}", None
     while True:
         remaining = deadline - time.monotonic()
@@ -98,72 +106,80 @@ def _dial(me: str, peer: str, addr: tuple[str, int], ctx: ssl.SSLContext, sessio
         except OSError as e:
             last = e
             time.sleep(min(0.1, remaining))
-    ch = TLSChannel(me, sock, ctx, server_side=False, who=who)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(max(deadline - time.monotonic(), 0.001))
     try:
-        ch.handshake()
-        names = ch.identity()
+        tls = ctx.wrap_socket(sock, server_side=False, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        _handshake(tls)
+        names = identity(tls)
         if names != {peer}:
             raise PartyError(f"{me}: refused {who}: its certificate is for {sorted(names)}, "
                              f"expected {peer!r}")
-        name = ch.hello(session_id)
-        if name != peer:
-            raise PartyError(f"{me}: refused {who}: it says it is {name!r}, expected {peer!r}")
-    except Exception as e:
-        ch.close()
-        raise _setup_error(me, who, e) from e
-    except BaseException:
-        ch.close()
+        tls.sendall(hello_bytes(me, session_id))
+    except BaseException as e:
+        tls.close()
+        if isinstance(e, Exception):
+            raise _setup_error(me, who, e) from e
         raise
-    return ch
+    return Outgoing(me, peer, tls, timeout)
 
 
-def _accept(me: str, listener: socket.socket, ctx: ssl.SSLContext, session_id: bytes,
-            deadline: float, waiting: list[str], connect_timeout: float) -> tuple[str, TLSChannel]:
+def _accept_one(me: str, listener: socket.socket, ctx: ssl.SSLContext, session_id: bytes,
+                deadline: float, waiting: list[str], connect_timeout: float) -> Incoming:
+    """Accept one peer's connection, check its certificate and hello."""
     listener.settimeout(max(deadline - time.monotonic(), 0.001))
     try:
         sock, addr = listener.accept()
     except TimeoutError:
         raise PartyError(f"{me}: {waiting} did not connect within {connect_timeout:g} s (not started, "
                          f"or a wrong address or port?)") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(max(deadline - time.monotonic(), 0.001))
     who = f"the party connecting from {addr[0]}:{addr[1]}"
-    ch = TLSChannel(me, sock, ctx, server_side=True, who=who)
     try:
-        ch.handshake()
-        names = ch.identity()
+        tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        _handshake(tls)
+        names = identity(tls)
         if len(names) != 1 or next(iter(names)) not in waiting:
             raise PartyError(f"{me}: refused {who}: its certificate is for {sorted(names)}, "
                              f"expected one of {waiting}")
         (cert_name,) = names
-        ch.who = f"{cert_name!r} at {addr[0]}:{addr[1]}"
-        name = ch.hello(session_id)
+        who = f"{cert_name!r} at {addr[0]}:{addr[1]}"
+        name = read_hello(me, who, tls, session_id)
         if name != cert_name:
-            raise PartyError(f"{me}: refused {ch.who}: it says it is {name!r} but its certificate is "
+            raise PartyError(f"{me}: refused {who}: it says it is {name!r} but its certificate is "
                              f"for {cert_name!r}")
-    except Exception as e:
-        ch.close()
-        raise _setup_error(me, ch.who, e) from e
-    except BaseException:
-        ch.close()
+    except BaseException as e:
+        tls.close()
+        if isinstance(e, Exception):
+            raise _setup_error(me, who, e) from e
         raise
-    return cert_name, ch
+    return Incoming(me, cert_name, repr(cert_name), tls)
 
 
 class TLSTransport(Transport):
     """Messages between parties over TCP with mutual TLS 1.3; build one with :meth:`connect`."""
 
     def __init__(self, party: str, parties: tuple[str, ...], session_id: bytes,
-                 channels: dict[str, TLSChannel], timeout: float) -> None:
+                 outgoing: dict[str, Outgoing], incoming: dict[str, Incoming], timeout: float) -> None:
         self.party, self.parties, self.session_id = party, parties, session_id
         self.timeout = timeout
         self.stats = TrafficStats()
-        self._channels = channels
-        self._send_seq = dict.fromkeys(channels, 0)
-        self._send_failed: dict[str, str] = {}  # a channel is unusable after a failed send ...
+        self._out, self._in = outgoing, incoming
+        self._send_seq = dict.fromkeys(outgoing, 0)
+        self._send_failed: dict[str, str] = {}  # a direction is unusable after a failed send ...
         self._recv_failed: dict[str, str] = {}  # ... or after its reader stopped
         self._closed = False
-        for peer, ch in channels.items():
-            ch.start(peer, session_id, timeout)
+        for ch in incoming.values():
+            ch.start(session_id)
 
     @classmethod
     def connect(cls, party: str, addresses: Mapping[str, tuple[str, int]], certs_dir: Path,
@@ -172,9 +188,11 @@ class TLSTransport(Transport):
         """Connect ``party`` to every other party of ``addresses`` (keys in party order).
 
         ``listen_socket``, if given, is an already listening socket for ``party`` (it is closed once
-        every later party has connected); otherwise one is bound to ``addresses[party]`` (pass your
-        own socket to listen elsewhere, e.g. on all interfaces behind NAT). Only parties later in
-        the order connect to it, and each must prove its name with a certificate of our CA.
+        every other party has connected); otherwise one is bound to ``addresses[party]`` (pass your
+        own socket to listen elsewhere, e.g. on all interfaces behind NAT). Every party dials every
+        other (its sending direction) and accepts every other (its receiving direction); each
+        connection must prove the peer's name with a certificate of our CA and a hello with our
+        session id.
         """
         parties = validate_party_names(list(addresses))
         if party not in parties:
@@ -182,33 +200,49 @@ class TLSTransport(Transport):
         if len(session_id) != SESSION_ID_BYTES:
             raise ValueError(f"session id must be {SESSION_ID_BYTES} bytes, got {len(session_id)}")
         server_ctx, client_ctx = _contexts(load_credentials(certs_dir, party))
-        i = parties.index(party)
+        peers = [p for p in parties if p != party]
         deadline = time.monotonic() + connect_timeout
         listener = listen_socket
-        channels: dict[str, TLSChannel] = {}
+        if listener is None:
+            host, port = _addr(addresses[party])
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            listener = socket.create_server((host, port), family=family, backlog=len(parties))
+        incoming: dict[str, Incoming] = {}
+        outgoing: dict[str, Outgoing] = {}
+        accept_error: list[BaseException] = []
+
+        def accept_all() -> None:
+            waiting = list(peers)
+            try:
+                while waiting:
+                    ch = _accept_one(party, listener, server_ctx, session_id, deadline, waiting,
+                                     connect_timeout)
+                    incoming[ch.peer] = ch
+                    waiting.remove(ch.peer)
+            except BaseException as e:
+                accept_error.append(e)
+
+        acceptor = threading.Thread(target=accept_all, daemon=True, name=f"veil-{party}-accept")
+        acceptor.start()
         try:
-            if listener is None and parties[i + 1:]:
-                host, port = _addr(addresses[party])
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                listener = socket.create_server((host, port), family=family, backlog=len(parties))
-            for peer in parties[:i]:
-                channels[peer] = _dial(party, peer, _addr(addresses[peer]), client_ctx, session_id,
-                                       deadline, connect_timeout)
-            waiting = list(parties[i + 1:])
-            while waiting:
-                assert listener is not None
-                peer, ch = _accept(party, listener, server_ctx, session_id, deadline, waiting,
-                                   connect_timeout)
-                channels[peer] = ch
-                waiting.remove(peer)
+            for peer in peers:
+                outgoing[peer] = _dial(party, peer, _addr(addresses[peer]), client_ctx, session_id,
+                                       deadline, connect_timeout, timeout)
+            acceptor.join(max(deadline - time.monotonic(), 0.0) + 1.0)
+            if accept_error:
+                raise accept_error[0]
+            if acceptor.is_alive() or len(incoming) != len(peers):
+                missing = sorted(set(peers) - set(incoming))
+                raise PartyError(f"{party}: {missing} did not connect within {connect_timeout:g} s")
         except BaseException:
-            for ch in channels.values():
-                ch.close()
-            raise
-        finally:
-            if listener is not None:
+            for c in [*outgoing.values(), *incoming.values()]:
+                c.close()
+            with contextlib.suppress(OSError):
                 listener.close()
-        return cls(party, parties, session_id, channels, timeout)
+            acceptor.join(2.0)
+            raise
+        listener.close()
+        return cls(party, parties, session_id, outgoing, incoming, timeout)
 
     def send(self, to: str, payload: bytes | bytearray | memoryview) -> None:
         self._check_peer(to)
@@ -219,10 +253,7 @@ class TLSTransport(Transport):
         view = memoryview(payload).cast("B")
         header = pack_header(self.session_id, self._send_seq[to], view.nbytes)
         try:
-            if view.nbytes <= SMALL:
-                self._channels[to].write(header + view)
-            else:
-                self._channels[to].write(header, view)
+            self._out[to].write(header, view)
         except TimeoutError:
             why = (f"{self.party}: {to!r} did not take a message within {self.timeout:g} s (the party "
                    f"died or stalled)")
@@ -242,7 +273,7 @@ class TLSTransport(Transport):
         if frm in self._recv_failed:
             raise PartyError(self._recv_failed[frm])
         try:
-            item = self._channels[frm].queue.get(timeout=self.timeout)
+            item = self._in[frm].queue.get(timeout=self.timeout)
         except queue.Empty:
             raise PartyError(f"{self.party}: no message from {frm!r} within {self.timeout:g} s "
                              f"(the party died or stalled)") from None
@@ -255,5 +286,5 @@ class TLSTransport(Transport):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            for ch in self._channels.values():
-                ch.close()
+            for c in [*self._out.values(), *self._in.values()]:
+                c.close()
