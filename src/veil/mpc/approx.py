@@ -36,7 +36,7 @@ from veil.mpc import nonlinear
 from veil.mpc.tensor import SecretTensor
 
 EXP_SQUARINGS = 8
-EXP_EXTRA_BITS = 2
+EXP_EXTRA_BITS = 3
 DEFAULT_DOMAIN = (1.0 / 64, 64.0)
 
 
@@ -61,14 +61,21 @@ def _const(x: SecretTensor, value: float, bits: int) -> torch.Tensor:
 
 
 def exp(x: SecretTensor) -> SecretTensor:
-    """``e^x`` by the limit ``(1 + t + t^2/2)^(2^8)`` with ``t = x / 2^8``."""
+    """``e^x`` by the limit ``(1 + t + t^2/2)^(2^8)`` with ``t = x / 2^8``.
+
+    Precision: ``t`` is read at ``f + 6`` fractional bits (``x / 4``, exact to 1 ulp), the
+    polynomial is rounded to ``f + 3`` bits, and the squarings return to ``f`` bits one bit at a
+    time, so values near 1 are squared at most at ``2 (f + 3)`` bits (local-truncation failure below
+    2^-26 per element and squaring).
+    """
     proto, f = x.protocol, x.frac_bits
+    p0 = f + EXP_SQUARINGS - 2
+    t = proto.truncate(x.share, 2)  # x / 2^8 at p0 = f + 6 bits
+    t2 = proto.truncate(proto.square(t), p0 + 1)  # t^2 / 2 at p0 bits
     p = f + EXP_EXTRA_BITS
-    t = proto.truncate(x.share, EXP_SQUARINGS - EXP_EXTRA_BITS)  # x / 2^8 at p bits
-    t2 = proto.truncate(proto.square(t), p + 1)  # t^2 / 2 at p bits
-    y = _const(x, 1.0, p) + t + t2
-    for i in range(EXP_SQUARINGS):
-        drop = 1 if i < EXP_EXTRA_BITS else 0  # return to f bits over the first squarings
+    y = proto.truncate(_const(x, 1.0, p0) + t + t2, p0 - p)
+    for _ in range(EXP_SQUARINGS):
+        drop = 1 if p > f else 0
         y = proto.truncate(proto.square(y), p + drop)
         p -= drop
     return x._new(y)

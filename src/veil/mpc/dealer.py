@@ -55,9 +55,20 @@ def _mask(t: torch.Tensor, mask: int | None) -> torch.Tensor:
     return t if mask is None else t & mask
 
 
-def _encode(t: torch.Tensor, nbytes: int) -> bytes:
-    arr = t.detach().cpu().contiguous().numpy()
-    return arr.astype(_NP_BY_BYTES[nbytes], copy=False).tobytes()
+def _encode(t: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """A correction as a flat tensor of int64 words (``nbytes == 8``) or of raw bytes."""
+    flat = t.detach().reshape(-1).cpu()
+    if nbytes == 8:
+        return flat
+    arr = flat.numpy().astype(_NP_BY_BYTES[nbytes])
+    return torch.from_numpy(arr.view(np.uint8))
+
+
+def _reply(counter: int, parts: list[torch.Tensor]) -> memoryview:
+    """The dealer's answer to request ``counter``: its number, then the corrections, one copy."""
+    head = torch.tensor([counter], dtype=torch.int64)
+    as_bytes = [p.view(torch.uint8) if p.dtype == torch.int64 else p for p in parts]
+    return memoryview(torch.cat([head.view(torch.uint8), *as_bytes]).numpy())
 
 
 def _low(nbytes: int) -> int | None:
@@ -69,7 +80,7 @@ class DealerBox:
 
     def __init__(self, prg0: PRG, prg1: PRG) -> None:
         self.prgs = (prg0, prg1)
-        self.corrections: tuple[list[bytes], list[bytes]] = ([], [])
+        self.corrections: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
 
     def rand_arith(self, shape: tuple[int, ...]) -> torch.Tensor:
         return self.prgs[0].int64(shape) + self.prgs[1].int64(shape)
@@ -138,7 +149,7 @@ class Material:
     dealer's message on first access, so the dealer's work overlaps the parties' first round
     (which uses random fields only)."""
 
-    def __init__(self, fields: dict[str, Any], pending: list[_Pending], fetch: Callable[[], bytearray]) -> None:
+    def __init__(self, fields: dict[str, Any], pending: list[_Pending], fetch: Callable[[], memoryview]) -> None:
         self._fields, self._pending, self._fetch = fields, pending, fetch
         self._values: dict[int, torch.Tensor] | None = None
 
@@ -152,8 +163,13 @@ class Material:
             n = int(np.prod(p.shape)) if p.shape else 1
             if off + n * p.nbytes > len(buf):
                 raise PartyError("dealer's message is shorter than the recipe needs (parties out of step?)")
-            arr = np.frombuffer(buf, dtype=_NP_BY_BYTES[p.nbytes], count=n, offset=off)
-            values[id(p)] = torch.from_numpy(arr.astype(np.int64)).reshape(p.shape)
+            if n == 0:
+                values[id(p)] = torch.zeros(p.shape, dtype=torch.int64)
+            elif p.nbytes == 8:
+                values[id(p)] = torch.frombuffer(buf, dtype=torch.int64, count=n, offset=off).reshape(p.shape)
+            else:
+                arr = np.frombuffer(buf, dtype=_NP_BY_BYTES[p.nbytes], count=n, offset=off)
+                values[id(p)] = torch.from_numpy(arr.astype(np.int64)).reshape(p.shape)
             off += n * p.nbytes
         if off != len(buf):
             raise PartyError(f"dealer's message has {len(buf) - off} bytes the recipe did not use "
@@ -185,13 +201,13 @@ class DealerClient:
         self.requests = 0
         self._last: Material | None = None
 
-    def _fetcher(self, counter: int) -> Callable[[], bytearray]:
-        def fetch() -> bytearray:
+    def _fetcher(self, counter: int) -> Callable[[], memoryview]:
+        def fetch() -> memoryview:
             msg = self.transport.recv(self.dealer)
             (got,) = _REPLY.unpack_from(msg)
             if got != counter:
                 raise PartyError(f"dealer answered request {got}, expected {counter}")
-            return msg[_REPLY.size:]
+            return memoryview(msg)[_REPLY.size:]
 
         return fetch
 
@@ -249,5 +265,5 @@ def serve(transport: Transport, compute_parties: tuple[str, str]) -> int:
         box = DealerBox(prg0, prg1)
         RECIPES[name](box, **params)
         for party, parts in zip((p0, p1), box.corrections):
-            transport.send(party, _REPLY.pack(served) + b"".join(parts))
+            transport.send(party, _reply(served, parts))
         served += 1

@@ -67,7 +67,11 @@ class DealerProtocol2PC(Protocol):
     def exchange(self, parts: Sequence[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
         """One round: send ``parts`` (tensor, bytes per element) to the peer, return the peer's."""
         t = self.s.transport
-        t.send(self.peer, b"".join(_to_bytes(p, nb) for p, nb in parts))
+        if all(nb == 8 for _, nb in parts):  # one copy into a contiguous buffer, sent as is
+            flat = torch.cat([p.detach().reshape(-1).cpu() for p, _ in parts])
+            t.send(self.peer, memoryview(flat.numpy()).cast("B"))
+        else:
+            t.send(self.peer, b"".join(_to_bytes(p, nb) for p, nb in parts))
         raw = t.recv(self.peer)
         self.s.stats.rounds += 1
         expected = sum(p.numel() * nb for p, nb in parts)
@@ -76,9 +80,15 @@ class DealerProtocol2PC(Protocol):
                              f"(parties out of step)")
         out, off = [], 0
         for p, nb in parts:
-            arr = np.frombuffer(raw, dtype=_NP[nb], count=p.numel(), offset=off)
+            if p.numel() == 0:
+                arr = torch.zeros(0, dtype=torch.int64)
+            elif nb == 8:
+                arr = torch.frombuffer(raw, dtype=torch.int64, count=p.numel(), offset=off)
+            else:
+                arr = torch.from_numpy(np.frombuffer(raw, dtype=_NP[nb], count=p.numel(), offset=off)
+                                       .astype(np.int64))
             off += p.numel() * nb
-            out.append(torch.from_numpy(arr.astype(np.int64)).reshape(p.shape).to(p.device))
+            out.append(arr.reshape(p.shape).to(p.device))
         return out
 
     def open(self, shares: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -135,14 +145,10 @@ class DealerProtocol2PC(Protocol):
         return share + value if self.index == 0 else share + torch.zeros_like(value)
 
     def bilinear(self, x: torch.Tensor, y: torch.Tensor, op: str, kwargs: dict[str, Any]) -> torch.Tensor:
-        from veil.mpc.material import BILINEAR_OPS
+        from veil.mpc.material import BILINEAR_OPS, output_shape
 
         fn = BILINEAR_OPS[op]
-        if op == "mul":
-            shape_z = list(torch.broadcast_shapes(x.shape, y.shape))
-        else:
-            shape_z = list(fn(torch.empty(x.shape, device="meta"), torch.empty(y.shape, device="meta"),
-                              **kwargs).shape)
+        shape_z = list(output_shape(op, tuple(x.shape), tuple(y.shape), kwargs))
         mat = self.s.dealer.take("triple", op=op, shape_x=list(x.shape), shape_y=list(y.shape),
                                  shape_z=shape_z, kwargs=kwargs)
         a, b = mat["a"].to(x.device), mat["b"].to(x.device)

@@ -25,6 +25,37 @@ BILINEAR_OPS = {
 }
 
 
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def output_shape(op: str, shape_x: Shape, shape_y: Shape, kwargs: dict[str, Any]) -> Shape:
+    """Shape of ``op(x, y)`` from the operands' shapes alone."""
+    if op == "mul":
+        return tuple(torch.broadcast_shapes(shape_x, shape_y))
+    if op == "matmul":
+        if len(shape_x) == 0 or len(shape_y) == 0:
+            raise ValueError("matmul needs operands with at least one dimension")
+        sx = (1, *shape_x) if len(shape_x) == 1 else tuple(shape_x)
+        sy = (*shape_y, 1) if len(shape_y) == 1 else tuple(shape_y)
+        if sx[-1] != sy[-2]:
+            raise ValueError(f"matmul: shapes {tuple(shape_x)} and {tuple(shape_y)} cannot be multiplied")
+        out = (*torch.broadcast_shapes(sx[:-2], sy[:-2]), sx[-2], sy[-1])
+        if len(shape_x) == 1:
+            out = out[:-2] + out[-1:]
+        if len(shape_y) == 1:
+            out = out[:-1]
+        return tuple(out)
+    if op == "conv2d" and not isinstance(kwargs.get("padding", 0), str) and len(shape_x) == 4:
+        (n, _, h, w), (c_out, _, kh, kw) = shape_x, shape_y
+        (sh, sw), (ph, pw) = _pair(kwargs.get("stride", 1)), _pair(kwargs.get("padding", 0))
+        dh, dw = _pair(kwargs.get("dilation", 1))
+        return (n, c_out, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    # Other cases: run the op on zeros (small cost, rare).
+    z = BILINEAR_OPS[op](torch.zeros(shape_x), torch.zeros(shape_y), **kwargs)
+    return tuple(z.shape)
+
+
 @recipe("triple")
 def triple(box: Any, op: str, shape_x: list[int], shape_y: list[int], shape_z: list[int],
            kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -44,15 +75,21 @@ def square(box: Any, n: int) -> dict[str, Any]:
     return {"a": a, "a2": box.arith((n,), lambda: a * a)}
 
 
+# Bit offsets, inside one random word, of the AND-triple masks of each tree level (a, b1, b2) and of
+# the 3 final mask bits: level l's masks sit at positions PAIR_MASKS[s] + offset, all disjoint.
+TRIPLE_OFFSETS = ((0, 1, 2), (3, 4, 5), (6, 7, 8))
+FINAL_MASK_OFFSET = 61
+
+
 def _tree_triples(box: Any, n: int, with_lt: bool) -> dict[str, Any]:
-    """AND triples of the three tree levels: per level masks ``a`` and ``b1`` (``b2``), and all
-    products packed in one word (level ``l`` at bit offset ``2 l``; see ``circuits.tree_products``)."""
+    """AND triples of the three tree levels, masks cut from one random word (``w``): per level
+    ``a``, ``b1`` (and ``b2``), with all products packed in one derived word (level ``l``'s at bit
+    offset ``2 l``); and the final mask ``m``."""
+    w = box.rand_bin((n,))
     levels = []
-    for s in circuits.LEVEL_SPACINGS:
+    for s, (oa, ob1, ob2) in zip(circuits.LEVEL_SPACINGS, TRIPLE_OFFSETS):
         m = circuits.PAIR_MASKS[s]
-        a, b1 = box.rand_bin((n,), m), box.rand_bin((n,), m)
-        b2 = box.rand_bin((n,), m) if with_lt else None
-        levels.append((a, b1, b2))
+        levels.append(((w >> oa) & m, (w >> ob1) & m, (w >> ob2) & m if with_lt else None))
 
     def products() -> torch.Tensor:
         word = torch.zeros((n,), dtype=torch.int64)
@@ -62,14 +99,14 @@ def _tree_triples(box: Any, n: int, with_lt: bool) -> dict[str, Any]:
                 word |= (a & b2) << (2 * lvl + 1)
         return word
 
-    return {"levels": levels, "c": box.bin((n,), products)}
+    final = (w >> FINAL_MASK_OFFSET) & 7
+    return {"levels": levels, "c": box.bin((n,), products), "m": final}
 
 
-def _table(box: Any, n: int, mask_bits: int, fn: Any, ys: int) -> tuple[Any, ...]:
-    """Random mask ``m`` of ``mask_bits`` XOR-shared bits; the truth table ``T[k] = fn(k, m)`` over
-    the 4 values of the two opened bits ``k``, as arithmetic shares; and for each of ``ys``
-    multiplicands a mask ``a`` with ``a * T``."""
-    m = box.rand_bin((n,), (1 << mask_bits) - 1)
+def _table(box: Any, n: int, m: torch.Tensor, fn: Any, ys: int) -> tuple[Any, ...]:
+    """For the XOR-shared final mask ``m``: the truth table ``T[k] = fn(k, m)`` over the 4 values of
+    the two opened bits ``k``, as arithmetic shares; and for each of ``ys`` multiplicands a mask
+    ``a`` with ``a * T``."""
 
     def table() -> torch.Tensor:
         k = torch.arange(4, dtype=torch.int64)
@@ -110,7 +147,7 @@ def msb(box: Any, n: int, ys: int = 0) -> dict[str, Any]:
     r_bin = box.bin((n,), lambda: r)
     mono = box.bin((circuits.MONOMIAL_WORDS, n), lambda: circuits.monomial_words(r & circuits.MASK63))
     tri = _tree_triples(box, n, with_lt=True)
-    m, t, masks = _table(box, n, 3, _msb_fn, ys)
+    m, t, masks = _table(box, n, tri["m"], _msb_fn, ys)
     return {"r": r, "r_bin": r_bin, "mono": mono, "triples": tri, "m": m, "t": t, "masks": masks}
 
 
@@ -121,5 +158,5 @@ def eqz(box: Any, n: int, ys: int = 0) -> dict[str, Any]:
     r_bin = box.bin((n,), lambda: r)
     mono = box.bin((circuits.MONOMIAL_WORDS, n), lambda: circuits.monomial_words(r))
     tri = _tree_triples(box, n, with_lt=False)
-    m, t, masks = _table(box, n, 2, _eq_fn, ys)
+    m, t, masks = _table(box, n, tri["m"] & 3, _eq_fn, ys)
     return {"r": r, "r_bin": r_bin, "mono": mono, "triples": tri, "m": m, "t": t, "masks": masks}
