@@ -171,7 +171,7 @@ def test_recv_times_out_with_a_clear_error(pki: dict[str, Path]) -> None:
 def test_out_of_order_frame_is_refused(pki: dict[str, Path]) -> None:
     def body(t: TLSTransport) -> Any:
         if t.party == "bob":  # write a raw frame with sequence number 5 instead of 0
-            t._out["alice"].write(pack_header(t.session_id, 5, 3), memoryview(b"abc"))
+            t._out["alice"].write(pack_header(t.session_id, 5, 3), 5, memoryview(b"abc"))
             return t.recv("alice")
         with pytest.raises(PartyError, match="sequence number 5, expected 0"):
             t.recv("bob")
@@ -202,3 +202,40 @@ def test_send_and_recv_check_the_peer_name(pki: dict[str, Path]) -> None:
 
     res = _session(["alice", "bob"], {"alice": pki["honest"], "bob": pki["honest"]}, body=body)
     assert res == {"alice": "ok", "bob": "ok"}
+
+
+def test_a_frame_altered_on_the_wire_fails_authentication(pki: dict[str, Path]) -> None:
+    def body(t: TLSTransport) -> Any:
+        if t.party == "bob":  # a well-formed header, but ciphertext that was not sealed with the key
+            t._out["alice"].sock.sendall(pack_header(t.session_id, 0, 3) + b"abc" + bytes(16))
+            return "sent"
+        with pytest.raises(PartyError, match="failed authentication"):
+            t.recv("bob")
+        return "refused"
+
+    res = _session(["alice", "bob"], {"alice": pki["honest"], "bob": pki["honest"]}, body=body)
+    assert res == {"alice": "refused", "bob": "sent"}
+
+
+def test_frames_on_the_wire_are_not_the_plaintext(pki: dict[str, Path]) -> None:
+    secret = b"the secret payload " * 100
+    seen = bytearray()
+
+    def body(t: TLSTransport) -> Any:
+        if t.party == "bob":
+            sock = t._out["alice"].sock
+            real_sendall = sock.sendall
+
+            def spy(data: Any) -> None:
+                seen.extend(bytes(data))
+                real_sendall(data)
+
+            t._out["alice"].sock = type("Spy", (), {"sendall": staticmethod(spy)})()
+            t.send("alice", secret)
+            t._out["alice"].sock = sock
+            return "sent"
+        return bytes(t.recv("bob"))
+
+    res = _session(["alice", "bob"], {"alice": pki["honest"], "bob": pki["honest"]}, body=body)
+    assert res["alice"] == secret
+    assert len(seen) >= len(secret) and b"the secret payload" not in seen

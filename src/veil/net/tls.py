@@ -2,8 +2,9 @@
 
 Security properties:
 
-* **Confidentiality and integrity** of every byte between two parties: TLS 1.3 only (AEAD ciphers,
-  forward secrecy). Nothing is ever pickled; payloads are raw bytes.
+* **Confidentiality and integrity** of every byte between two parties: TLS 1.3 only (forward
+  secrecy) carries the hello and a fresh per-direction AES-128-GCM key; frames are then sealed with
+  that key (see :mod:`veil.net.tlschannel`). Nothing is ever pickled; payloads are raw bytes.
 * **Mutual authentication**: both sides require a certificate chaining to the deployment's CA
   (``ca.pem`` from ``veil keygen``, the only trust anchor loaded), and after the handshake each side
   checks that the peer's certificate names exactly the party it expects (CN and SAN). A party with a
@@ -35,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from veil.net.certs import Credentials, load_credentials, validate_party_names
-from veil.net.tlschannel import Incoming, Outgoing, PeerClosed, hello_bytes, identity, read_hello
+from veil.net.tlschannel import Incoming, Outgoing, PeerClosed, end_tls, identity, new_hello, read_hello
 from veil.net.transport import (
     DEFAULT_TIMEOUT_S,
     HEADER,
@@ -119,13 +120,15 @@ def _dial(me: str, peer: str, addr: tuple[str, int], ctx: ssl.SSLContext, sessio
         if names != {peer}:
             raise PartyError(f"{me}: refused {who}: its certificate is for {sorted(names)}, "
                              f"expected {peer!r}")
-        tls.sendall(hello_bytes(me, session_id))
+        hello, key = new_hello(me, session_id)
+        tls.sendall(hello)
+        plain = end_tls(tls)
     except BaseException as e:
         tls.close()
         if isinstance(e, Exception):
             raise _setup_error(me, who, e) from e
         raise
-    return Outgoing(me, peer, tls, timeout)
+    return Outgoing(me, peer, plain, key, timeout)
 
 
 def _accept_one(me: str, listener: socket.socket, ctx: ssl.SSLContext, session_id: bytes,
@@ -153,16 +156,17 @@ def _accept_one(me: str, listener: socket.socket, ctx: ssl.SSLContext, session_i
                              f"expected one of {waiting}")
         (cert_name,) = names
         who = f"{cert_name!r} at {addr[0]}:{addr[1]}"
-        name = read_hello(me, who, tls, session_id)
+        name, key = read_hello(me, who, tls, session_id)
         if name != cert_name:
             raise PartyError(f"{me}: refused {who}: it says it is {name!r} but its certificate is "
                              f"for {cert_name!r}")
+        plain = end_tls(tls)
     except BaseException as e:
         tls.close()
         if isinstance(e, Exception):
             raise _setup_error(me, who, e) from e
         raise
-    return Incoming(me, cert_name, repr(cert_name), tls)
+    return Incoming(me, cert_name, repr(cert_name), plain, key)
 
 
 class TLSTransport(Transport):
@@ -225,9 +229,16 @@ class TLSTransport(Transport):
         acceptor = threading.Thread(target=accept_all, daemon=True, name=f"veil-{party}-accept")
         acceptor.start()
         try:
-            for peer in peers:
-                outgoing[peer] = _dial(party, peer, _addr(addresses[peer]), client_ctx, session_id,
-                                       deadline, connect_timeout, timeout)
+            try:
+                for peer in peers:
+                    outgoing[peer] = _dial(party, peer, _addr(addresses[peer]), client_ctx, session_id,
+                                           deadline, connect_timeout, timeout)
+            except PartyError:
+                # The peer may have refused our hello; our own check of its hello names the cause.
+                acceptor.join(min(2.0, max(deadline - time.monotonic(), 0.0)))
+                if accept_error:
+                    raise accept_error[0] from None
+                raise
             acceptor.join(max(deadline - time.monotonic(), 0.0) + 1.0)
             if accept_error:
                 raise accept_error[0]
@@ -253,7 +264,7 @@ class TLSTransport(Transport):
         view = memoryview(payload).cast("B")
         header = pack_header(self.session_id, self._send_seq[to], view.nbytes)
         try:
-            self._out[to].write(header, view)
+            self._out[to].write(header, self._send_seq[to], view)
         except TimeoutError:
             why = (f"{self.party}: {to!r} did not take a message within {self.timeout:g} s (the party "
                    f"died or stalled)")
