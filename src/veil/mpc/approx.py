@@ -6,18 +6,19 @@ tests in ``tests/mpc/test_approx.py`` (which assert these bounds) and by ``bench
 ============== ================================================================ ====== ======================
 function       method                                                           rounds max error (domain)
 ============== ================================================================ ====== ======================
-exp            ``t = x / 2^8`` at 18 fractional bits, ``1 + t + t^2/2``, then      9     rel 2e-3 on [-16, 4];
-               8 squarings                                                             abs 1e-4 on (-inf, 0]
-reciprocal     linear minimax guess on ``domain``, Goldschmidt iterations       2..8    rel 2e-4 in domain
+exp            ``t = x / 2^8`` at 22 fractional bits, ``1 + t + t^2/2``, then      9     rel 3e-3 on [-4, 4];
+               8 squarings back down to 16 bits                                        abs 2e-3 on (-inf, 0]
+reciprocal     linear minimax guess on ``domain``, Goldschmidt iterations      4..14    rel 1e-3 in domain
                (``y *= 1 + e; e = e^2`` in one round each, count chosen from
-               the domain); default domain [1/64, 64]
-rsqrt, sqrt    linear guess, Goldschmidt square-root iterations (2 rounds each) 7..17   rel 5e-4 in domain
+               the domain), one Newton step when the domain is wider than 16x;
+               default domain [1/32, 32]
+rsqrt, sqrt    linear guess, Goldschmidt square-root iterations (2 rounds each) 7..17   rel 2e-3 in domain
 log            Householder iterations on ``exp(-y)`` (order 4)                   ~45    abs 5e-3 on [0.05, 100]
-sigmoid        ``s = 1 / (1 + exp(-|x|))``, ``sigmoid = s + [x<0] (1 - 2 s)``;       18     abs 2e-4 everywhere
+sigmoid        ``s = 1 / (1 + exp(-|x|))``, ``sigmoid = s + [x<0] (1 - 2 s)``;       19     abs 1e-3 everywhere
                exp of a non-positive number cannot overflow
-tanh           ``2 sigmoid(2x) - 1``                                              18     abs 4e-4 everywhere
-softmax        max along ``dim`` (tournament), exp of ``x - max`` (<= 0), sum,  5 ceil(log2 k) abs 1e-3
-               reciprocal on [1, k]                                             + 15
+tanh           ``2 sigmoid(2x) - 1``                                              19     abs 2e-3 everywhere
+softmax        max along ``dim`` (tournament), exp of ``x - max`` (<= 0), sum,  5 ceil(log2 k) abs 2e-3
+               reciprocal on [1, k + 0.5]                                       + 16
 ============== ================================================================ ====== ======================
 
 Outside a stated domain results degrade (reciprocal and rsqrt diverge); large positive exp inputs
@@ -37,12 +38,13 @@ from veil.mpc.tensor import SecretTensor
 
 EXP_SQUARINGS = 8
 EXP_EXTRA_BITS = 3
-DEFAULT_DOMAIN = (1.0 / 64, 64.0)
+DEFAULT_DOMAIN = (1.0 / 32, 32.0)
+NEWTON_CLEANUP_RATIO = 16.0
 
 
 def _mul_batch(proto: Any, pairs: list[tuple[torch.Tensor, torch.Tensor]], trunc: int) -> list[torch.Tensor]:
     """Several elementwise secret products in one round (one Beaver triple over their concatenation)."""
-    shapes = [torch.broadcast_shapes(a.shape, b.shape) for a, b in pairs]
+    shapes = [np.broadcast_shapes(a.shape, b.shape) for a, b in pairs]
     xs = torch.cat([a.expand(s).reshape(-1) for (a, _), s in zip(pairs, shapes)])
     ys = torch.cat([b.expand(s).reshape(-1) for (_, b), s in zip(pairs, shapes)])
     z = proto.truncate(proto.bilinear(xs, ys, "mul", {}), trunc)
@@ -113,6 +115,12 @@ def reciprocal(x: SecretTensor, domain: tuple[float, float] = DEFAULT_DOMAIN) ->
     b = 8.0 / ((hi + lo) ** 2 + 4 * hi * lo)  # minimax relative error of a - b x with a = b (hi + lo)
     a = b * (hi + lo)
     eps0 = 1 - b * hi * lo
+    # At the top of the domain the guess is small; one ulp of error there must not push the
+    # initial error to 1 (where the iteration diverges). Margin 4.
+    if 1 - eps0 < 4 * hi * 2.0 ** -f:
+        raise ValueError(f"reciprocal: domain ({lo:g}, {hi:g}) is too wide for {f} fractional bits "
+                         f"(ratio {hi / lo:.3g}); scale x by a public factor or narrow the domain "
+                         f"(ratios up to about 2^{f // 2 + 1} work)")
     steps = _goldschmidt_steps(eps0, f + 2)
     y = (x * (-b) + a).share
     e = _const(x, 1.0, f) - proto.truncate(proto.bilinear(x.share, y, "mul", {}), f)
@@ -122,6 +130,11 @@ def reciprocal(x: SecretTensor, domain: tuple[float, float] = DEFAULT_DOMAIN) ->
             (y,) = _mul_batch(proto, [(y, one_plus_e)], f)
         else:
             y, e = _mul_batch(proto, [(y, one_plus_e), (e, e)], f)
+    if hi / lo > NEWTON_CLEANUP_RATIO:
+        # Goldschmidt does not correct its rounding errors, which a small first guess amplifies
+        # over a wide domain; one Newton step y (2 - x y) does (2 rounds).
+        xy = proto.truncate(proto.bilinear(x.share, y, "mul", {}), f)
+        (y,) = _mul_batch(proto, [(y, _const(x, 2.0, f) - xy)], f)
     return x._new(y)
 
 

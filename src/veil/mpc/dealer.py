@@ -36,7 +36,7 @@ Recipe = Callable[..., Any]
 RECIPES: dict[str, Recipe] = {}
 MAX_REQUEST_ELEMENTS = 1 << 31
 _NP_BY_BYTES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.int64}
-_REPLY = struct.Struct("<Q")
+_REPLY = struct.Struct("<QQ")  # request number, part
 
 
 def recipe(name: str) -> Callable[[Recipe], Recipe]:
@@ -64,9 +64,10 @@ def _encode(t: torch.Tensor, nbytes: int) -> torch.Tensor:
     return torch.from_numpy(arr.view(np.uint8))
 
 
-def _reply(counter: int, parts: list[torch.Tensor]) -> memoryview:
-    """The dealer's answer to request ``counter``: its number, then the corrections, one copy."""
-    head = torch.tensor([counter], dtype=torch.int64)
+def _reply(counter: int, part: int, parts: list[torch.Tensor]) -> memoryview:
+    """Part ``part`` of the dealer's answer to request ``counter``: both numbers, then the
+    corrections, in one copy."""
+    head = torch.tensor([counter, part], dtype=torch.int64)
     as_bytes = [p.view(torch.uint8) if p.dtype == torch.int64 else p for p in parts]
     return memoryview(torch.cat([head.view(torch.uint8), *as_bytes]).numpy())
 
@@ -76,11 +77,21 @@ def _low(nbytes: int) -> int | None:
 
 
 class DealerBox:
-    """Dealer side: fields are full values; corrections are collected per receiving party."""
+    """Dealer side: fields are full values; corrections are collected per receiving party and sent
+    at each :meth:`flush` (one message to each compute party; the recipe's end flushes too)."""
 
-    def __init__(self, prg0: PRG, prg1: PRG) -> None:
+    def __init__(self, prg0: PRG, prg1: PRG, send: Callable[[int, int, list[torch.Tensor]], None]) -> None:
         self.prgs = (prg0, prg1)
         self.corrections: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._send, self.part = send, 0
+
+    def flush(self) -> None:
+        """Send what the parties need first, then go on computing the rest (party 1 first: it is
+        the one that waits for the early fields)."""
+        for party in (1, 0):
+            self._send(party, self.part, self.corrections[party])
+        self.corrections = ([], [])
+        self.part += 1
 
     def rand_arith(self, shape: tuple[int, ...]) -> torch.Tensor:
         return self.prgs[0].int64(shape) + self.prgs[1].int64(shape)
@@ -109,10 +120,10 @@ class DealerBox:
 class _Pending:
     """A derived field whose correction from the dealer has not been read yet."""
 
-    __slots__ = ("nbytes", "shape")
+    __slots__ = ("nbytes", "part", "shape")
 
-    def __init__(self, shape: tuple[int, ...], nbytes: int) -> None:
-        self.shape, self.nbytes = shape, nbytes
+    def __init__(self, shape: tuple[int, ...], nbytes: int, part: int) -> None:
+        self.shape, self.nbytes, self.part = shape, nbytes, part
 
 
 class PartyBox:
@@ -122,6 +133,10 @@ class PartyBox:
     def __init__(self, index: int, prg: PRG) -> None:
         self.index, self.prg = index, prg
         self.pending: list[_Pending] = []
+        self.part = 0
+
+    def flush(self) -> None:
+        self.part += 1
 
     def rand_arith(self, shape: tuple[int, ...]) -> torch.Tensor:
         return self.prg.int64(shape)
@@ -130,7 +145,7 @@ class PartyBox:
         return _mask(self.prg.int64(shape), mask)
 
     def _later(self, shape: tuple[int, ...], nbytes: int) -> Any:
-        p = _Pending(tuple(shape), nbytes)
+        p = _Pending(tuple(shape), nbytes, self.part)
         self.pending.append(p)
         return p
 
@@ -146,40 +161,45 @@ class PartyBox:
 
 class Material:
     """What a recipe returned at a party, read like a dict. Derived fields are filled in from the
-    dealer's message on first access, so the dealer's work overlaps the parties' first round
-    (which uses random fields only)."""
+    dealer's messages (one per part of the recipe) on first access, so the dealer's work overlaps the
+    parties' rounds: the first round uses random fields only, and late fields come in later parts."""
 
-    def __init__(self, fields: dict[str, Any], pending: list[_Pending], fetch: Callable[[], memoryview]) -> None:
+    def __init__(self, fields: dict[str, Any], pending: list[_Pending], parts: int,
+                 fetch: Callable[[int], memoryview]) -> None:
         self._fields, self._pending, self._fetch = fields, pending, fetch
-        self._values: dict[int, torch.Tensor] | None = None
+        self._parts = parts
+        self._read = 0  # parts read so far
+        self._values: dict[int, torch.Tensor] = {}
 
-    def resolve(self) -> None:
-        """Read this request's message from the dealer (every request has one, maybe empty)."""
-        if self._values is not None:
-            return
-        buf = self._fetch()
-        values, off = {}, 0
-        for p in self._pending:
-            n = int(np.prod(p.shape)) if p.shape else 1
-            if off + n * p.nbytes > len(buf):
-                raise PartyError("dealer's message is shorter than the recipe needs (parties out of step?)")
-            if n == 0:
-                values[id(p)] = torch.zeros(p.shape, dtype=torch.int64)
-            elif p.nbytes == 8:
-                values[id(p)] = torch.frombuffer(buf, dtype=torch.int64, count=n, offset=off).reshape(p.shape)
-            else:
-                arr = np.frombuffer(buf, dtype=_NP_BY_BYTES[p.nbytes], count=n, offset=off)
-                values[id(p)] = torch.from_numpy(arr.astype(np.int64)).reshape(p.shape)
-            off += n * p.nbytes
-        if off != len(buf):
-            raise PartyError(f"dealer's message has {len(buf) - off} bytes the recipe did not use "
-                             f"(parties out of step?)")
-        self._values = values
+    def resolve(self, upto: int | None = None) -> None:
+        """Read the dealer's messages up to part ``upto`` (all parts when None); every part of every
+        request has one message, maybe empty."""
+        last = self._parts - 1 if upto is None else upto
+        while self._read <= last:
+            part = self._read
+            buf = self._fetch(part)
+            off = 0
+            for p in (q for q in self._pending if q.part == part):
+                n = int(np.prod(p.shape)) if p.shape else 1
+                if off + n * p.nbytes > len(buf):
+                    raise PartyError("dealer's message is shorter than the recipe needs (parties out of step?)")
+                if n == 0:
+                    self._values[id(p)] = torch.zeros(p.shape, dtype=torch.int64)
+                elif p.nbytes == 8:
+                    self._values[id(p)] = torch.frombuffer(buf, dtype=torch.int64, count=n,
+                                                           offset=off).reshape(p.shape)
+                else:
+                    arr = np.frombuffer(buf, dtype=_NP_BY_BYTES[p.nbytes], count=n, offset=off)
+                    self._values[id(p)] = torch.from_numpy(arr.astype(np.int64)).reshape(p.shape)
+                off += n * p.nbytes
+            if off != len(buf):
+                raise PartyError(f"dealer's message has {len(buf) - off} bytes the recipe did not use "
+                                 f"(parties out of step?)")
+            self._read += 1
 
     def _fill(self, obj: Any) -> Any:
         if isinstance(obj, _Pending):
-            self.resolve()
-            assert self._values is not None
+            self.resolve(obj.part)
             return self._values[id(obj)]
         if isinstance(obj, list | tuple):
             return type(obj)(self._fill(v) for v in obj)
@@ -201,12 +221,13 @@ class DealerClient:
         self.requests = 0
         self._last: Material | None = None
 
-    def _fetcher(self, counter: int) -> Callable[[], memoryview]:
-        def fetch() -> memoryview:
+    def _fetcher(self, counter: int) -> Callable[[int], memoryview]:
+        def fetch(part: int) -> memoryview:
             msg = self.transport.recv(self.dealer)
-            (got,) = _REPLY.unpack_from(msg)
-            if got != counter:
-                raise PartyError(f"dealer answered request {got}, expected {counter}")
+            got = _REPLY.unpack_from(msg)
+            if got != (counter, part):
+                raise PartyError(f"dealer answered request {got[0]} part {got[1]}, expected {counter} "
+                                 f"part {part} (parties out of step)")
             return memoryview(msg)[_REPLY.size:]
 
         return fetch
@@ -220,7 +241,7 @@ class DealerClient:
             self.transport.send(self.dealer, json.dumps({"recipe": name, "params": params}).encode())
         box = PartyBox(self.index, self.prg)
         fields = fn(box, **params)
-        self._last = Material(fields, box.pending, self._fetcher(self.requests))
+        self._last = Material(fields, box.pending, box.part + 1, self._fetcher(self.requests))
         self.requests += 1
         return self._last
 
@@ -262,8 +283,10 @@ def serve(transport: Transport, compute_parties: tuple[str, str]) -> int:
         if not isinstance(params, dict):
             raise PartyError(f"dealer: malformed request parameters from {p0!r}")
         _check_params(name, params)
-        box = DealerBox(prg0, prg1)
+        def send(party: int, part: int, parts: list[torch.Tensor], counter: int = served) -> None:
+            transport.send((p0, p1)[party], _reply(counter, part, parts))
+
+        box = DealerBox(prg0, prg1, send)
         RECIPES[name](box, **params)
-        for party, parts in zip((p0, p1), box.corrections):
-            transport.send(party, _reply(served, parts))
+        box.flush()
         served += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +33,7 @@ def _pair(v: Any) -> tuple[int, int]:
 def output_shape(op: str, shape_x: Shape, shape_y: Shape, kwargs: dict[str, Any]) -> Shape:
     """Shape of ``op(x, y)`` from the operands' shapes alone."""
     if op == "mul":
-        return tuple(torch.broadcast_shapes(shape_x, shape_y))
+        return tuple(np.broadcast_shapes(shape_x, shape_y))
     if op == "matmul":
         if len(shape_x) == 0 or len(shape_y) == 0:
             raise ValueError("matmul needs operands with at least one dimension")
@@ -40,7 +41,7 @@ def output_shape(op: str, shape_x: Shape, shape_y: Shape, kwargs: dict[str, Any]
         sy = (*shape_y, 1) if len(shape_y) == 1 else tuple(shape_y)
         if sx[-1] != sy[-2]:
             raise ValueError(f"matmul: shapes {tuple(shape_x)} and {tuple(shape_y)} cannot be multiplied")
-        out = (*torch.broadcast_shapes(sx[:-2], sy[:-2]), sx[-2], sy[-1])
+        out = (*np.broadcast_shapes(sx[:-2], sy[:-2]), sx[-2], sy[-1])
         if len(shape_x) == 1:
             out = out[:-2] + out[-1:]
         if len(shape_y) == 1:
@@ -147,6 +148,7 @@ def msb(box: Any, n: int, ys: int = 0) -> dict[str, Any]:
     r_bin = box.bin((n,), lambda: r)
     mono = box.bin((circuits.MONOMIAL_WORDS, n), lambda: circuits.monomial_words(r & circuits.MASK63))
     tri = _tree_triples(box, n, with_lt=True)
+    box.flush()  # the tree's material goes out while the dealer computes the tables
     m, t, masks = _table(box, n, tri["m"], _msb_fn, ys)
     return {"r": r, "r_bin": r_bin, "mono": mono, "triples": tri, "m": m, "t": t, "masks": masks}
 
@@ -158,5 +160,6 @@ def eqz(box: Any, n: int, ys: int = 0) -> dict[str, Any]:
     r_bin = box.bin((n,), lambda: r)
     mono = box.bin((circuits.MONOMIAL_WORDS, n), lambda: circuits.monomial_words(r))
     tri = _tree_triples(box, n, with_lt=False)
+    box.flush()
     m, t, masks = _table(box, n, tri["m"] & 3, _eq_fn, ys)
     return {"r": r, "r_bin": r_bin, "mono": mono, "triples": tri, "m": m, "t": t, "masks": masks}
