@@ -14,9 +14,9 @@ reciprocal     linear minimax guess on ``domain``, Goldschmidt iterations      4
                default domain [1/32, 32]
 rsqrt, sqrt    linear guess, Goldschmidt square-root iterations (2 rounds each) 7..17   rel 2e-3 in domain
 log            Householder iterations on ``exp(-y)`` (order 4)                   ~45    abs 5e-3 on [0.05, 100]
-sigmoid        ``s = 1 / (1 + exp(-|x|))``, ``sigmoid = s + [x<0] (1 - 2 s)``;       19     abs 1e-3 everywhere
-               exp of a non-positive number cannot overflow
-tanh           ``2 sigmoid(2x) - 1``                                              19     abs 2e-3 everywhere
+sigmoid        ``e = exp(-|x|)`` (cannot overflow), ``s = 1 / (1 + e)`` by a          18     abs 1e-3 everywhere
+               degree-6 Chebyshev polynomial in e, ``sigmoid = s + [x<0] (1 - 2s)``
+tanh           ``2 sigmoid(2x) - 1``                                              18     abs 2e-3 everywhere
 softmax        max along ``dim`` (tournament), exp of ``x - max`` (<= 0), sum,  5 ceil(log2 k) abs 2e-3
                reciprocal on [1, k + 0.5]                                       + 16
 ============== ================================================================ ====== ======================
@@ -27,11 +27,13 @@ overflow the ring (see README "Precision").
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import numpy as np
 import torch
+from numpy.polynomial import Chebyshev, Polynomial
 
 from veil.mpc import nonlinear
 from veil.mpc.tensor import SecretTensor
@@ -179,38 +181,46 @@ def log(x: SecretTensor, iterations: int = 3, order: int = 4) -> SecretTensor:
     y = x * (1.0 / 120) - exp(x * -2 - 1) * 20 + 3.0
     for _ in range(iterations):
         h = 1 - x * exp(-y)
-        powers = [h]
-        while len(powers) < order:
-            have = len(powers)
-            pairs = [(powers[(k + 1) // 2 - 1].share, powers[k // 2 - 1].share)
-                     for k in range(have + 1, min(order, 2 * have) + 1)]
-            powers += [x._new(s) for s in _mul_batch(x.protocol, pairs, x.frac_bits)]
-        for k, hk in enumerate(powers, start=1):
+        for k, hk in enumerate(powers(h, order), start=1):
             y = y - hk * (1.0 / k)
     return y
 
 
-def power(x: SecretTensor, k: int) -> SecretTensor:
-    """``x ** k`` by repeated squaring (about 2 log2 k rounds)."""
-    if k == 0:
-        return x * 0 + 1
-    result: SecretTensor | None = None
-    base = x
-    while k:
-        if k & 1:
-            result = base if result is None else result * base
-        k >>= 1
-        if k:
-            base = base.square()
-    assert result is not None
-    return result
+def powers(x: SecretTensor, k: int) -> list[SecretTensor]:
+    """``[x, x^2, ..., x^k]`` in ``ceil(log2 k)`` rounds (all products of a round in one opening)."""
+    out = [x.share]
+    while len(out) < k:
+        have = len(out)
+        pairs = [(out[(j + 1) // 2 - 1], out[j // 2 - 1]) for j in range(have + 1, min(k, 2 * have) + 1)]
+        out += _mul_batch(x.protocol, pairs, x.frac_bits)
+    return [x._new(s) for s in out]
+
+
+def polynomial(x: SecretTensor, coeffs: list[float]) -> SecretTensor:
+    """``sum_i coeffs[i] x^i`` with public coefficients: the powers, then one local dot product and
+    one truncation."""
+    f = x.frac_bits
+    pw = powers(x, len(coeffs) - 1) if len(coeffs) > 1 else []
+    acc = _const(x, float(coeffs[0]), 2 * f)
+    for c, p in zip(coeffs[1:], pw):
+        acc = acc + p.share * round(c * (1 << f))
+    return x._new(x.protocol.truncate(acc, f))
+
+
+@functools.cache
+def _logistic_tail() -> list[float]:
+    """Monomial coefficients of the degree-6 Chebyshev interpolant of ``1 / (1 + e)`` on [0, 1]
+    (max error 9e-6; all coefficients in [-1, 1])."""
+    poly = Chebyshev.interpolate(lambda e: 1 / (1 + e), 6, domain=[0, 1]).convert(kind=Polynomial)
+    return [float(c) for c in poly.coef]
 
 
 def sigmoid(x: SecretTensor) -> SecretTensor:
-    """Logistic function, on the whole real line (see the module table)."""
+    """Logistic function on the whole real line: ``e = exp(-|x|)`` in (0, 1] (cannot overflow),
+    ``s = 1 / (1 + e)`` by a degree-6 polynomial in ``e``, then ``sigmoid = s + [x<0] (1 - 2 s)``."""
     bit, (xb,) = x.protocol.msb(x.share, [x.share])
-    neg_abs = x._new(2 * xb - x.share)  # -|x|
-    s = reciprocal(exp(neg_abs) + 1.0, domain=(1.0, 2.0))
+    e = exp(x._new(2 * xb - x.share))  # exp(-|x|)
+    s = polynomial(e, _logistic_tail())
     b = x._new(bit << x.frac_bits)
     return s + b * (1 - 2 * s)
 
