@@ -87,9 +87,11 @@ class DealerBox:
 
     def flush(self) -> None:
         """Send what the parties need first, then go on computing the rest (party 1 first: it is
-        the one that waits for the early fields)."""
+        the one that waits for the early fields). A party with no correction in this part gets no
+        message (it knows, running the same recipe)."""
         for party in (1, 0):
-            self._send(party, self.part, self.corrections[party])
+            if self.corrections[party]:
+                self._send(party, self.part, self.corrections[party])
         self.corrections = ([], [])
         self.part += 1
 
@@ -169,33 +171,39 @@ class Material:
         self._fields, self._pending, self._fetch = fields, pending, fetch
         self._parts = parts
         self._read = 0  # parts read so far
+        self.request = -1
         self._values: dict[int, torch.Tensor] = {}
 
     def resolve(self, upto: int | None = None) -> None:
-        """Read the dealer's messages up to part ``upto`` (all parts when None); every part of every
-        request has one message, maybe empty."""
+        """Read the dealer's messages up to part ``upto`` (all parts when None). Only parts with
+        a derived field for this party have a message; earlier requests' messages are read first
+        (they arrive in order)."""
         last = self._parts - 1 if upto is None else upto
         while self._read <= last:
             part = self._read
-            buf = self._fetch(part)
-            off = 0
-            for p in (q for q in self._pending if q.part == part):
-                n = int(np.prod(p.shape)) if p.shape else 1
-                if off + n * p.nbytes > len(buf):
-                    raise PartyError("dealer's message is shorter than the recipe needs (parties out of step?)")
-                if n == 0:
-                    self._values[id(p)] = torch.zeros(p.shape, dtype=torch.int64)
-                elif p.nbytes == 8:
-                    self._values[id(p)] = torch.frombuffer(buf, dtype=torch.int64, count=n,
-                                                           offset=off).reshape(p.shape)
-                else:
-                    arr = np.frombuffer(buf, dtype=_NP_BY_BYTES[p.nbytes], count=n, offset=off)
-                    self._values[id(p)] = torch.from_numpy(arr.astype(np.int64)).reshape(p.shape)
-                off += n * p.nbytes
-            if off != len(buf):
-                raise PartyError(f"dealer's message has {len(buf) - off} bytes the recipe did not use "
-                                 f"(parties out of step?)")
+            mine = [q for q in self._pending if q.part == part]
+            if mine:
+                self._parse(self._fetch(part), mine)
             self._read += 1
+
+    def _parse(self, buf: memoryview, fields: list[_Pending]) -> None:
+        off = 0
+        for p in fields:
+            n = int(np.prod(p.shape)) if p.shape else 1
+            if off + n * p.nbytes > len(buf):
+                raise PartyError("dealer's message is shorter than the recipe needs (parties out of step?)")
+            if n == 0:
+                self._values[id(p)] = torch.zeros(p.shape, dtype=torch.int64)
+            elif p.nbytes == 8:
+                self._values[id(p)] = torch.frombuffer(buf, dtype=torch.int64, count=n,
+                                                       offset=off).reshape(p.shape)
+            else:
+                arr = np.frombuffer(buf, dtype=_NP_BY_BYTES[p.nbytes], count=n, offset=off)
+                self._values[id(p)] = torch.from_numpy(arr.astype(np.int64)).reshape(p.shape)
+            off += n * p.nbytes
+        if off != len(buf):
+            raise PartyError(f"dealer's message has {len(buf) - off} bytes the recipe did not use "
+                             f"(parties out of step?)")
 
     def _fill(self, obj: Any) -> Any:
         if isinstance(obj, _Pending):
@@ -219,10 +227,13 @@ class DealerClient:
         key = transport.recv(dealer)
         self.prg = PRG(bytes(key))
         self.requests = 0
-        self._last: Material | None = None
+        self._unread: list[Material] = []  # materials with dealer messages still to read, in order
 
     def _fetcher(self, counter: int) -> Callable[[int], memoryview]:
         def fetch(part: int) -> memoryview:
+            for earlier in [m for m in self._unread if m.request < counter]:
+                earlier.resolve()  # their messages come first on the channel
+            self._unread = [m for m in self._unread if m.request >= counter]
             msg = self.transport.recv(self.dealer)
             got = _REPLY.unpack_from(msg)
             if got != (counter, part):
@@ -234,20 +245,21 @@ class DealerClient:
 
     def take(self, name: str, **params: Any) -> Material:
         """Material of recipe ``name`` for this party (party 0 sends the request to the dealer)."""
-        if self._last is not None:
-            self._last.resolve()  # messages arrive in order: finish reading the previous one
         fn = RECIPES[name]
         if self.index == 0:
             self.transport.send(self.dealer, json.dumps({"recipe": name, "params": params}).encode())
         box = PartyBox(self.index, self.prg)
         fields = fn(box, **params)
-        self._last = Material(fields, box.pending, box.part + 1, self._fetcher(self.requests))
+        mat = Material(fields, box.pending, box.part + 1, self._fetcher(self.requests))
+        mat.request = self.requests
+        if box.pending:
+            self._unread.append(mat)
         self.requests += 1
-        return self._last
+        return mat
 
     def close(self) -> None:
-        if self._last is not None:
-            self._last.resolve()
+        for mat in list(self._unread):
+            mat.resolve()
         if self.index == 0:
             self.transport.send(self.dealer, json.dumps({"recipe": None}).encode())
 
