@@ -10,8 +10,8 @@ a shift by ``s`` and a mask; no bit shuffling is ever needed.
 
 Leaves in groups of four. The first two levels are free of communication: a group of four bits'
 ``LT`` and ``EQ`` are GF(2) polynomials in the group's secret bits ``r_0..r_3`` whose coefficients
-depend only on the public ``c``. The dealer supplies XOR shares of every monomial of degree >= 2
-(11 per group), the parties evaluate the polynomials locally. 64 leaves become 16 nodes at
+are products of the public bits ``NOT c_i``. The dealer supplies XOR shares of every monomial of
+degree >= 2 (11 per group), the parties evaluate the polynomials locally (:func:`leaf`). 64 leaves become 16 nodes at
 positions 4g; three AND levels (spacing 4, 8, 16) leave two nodes at positions 0 and 32.
 """
 
@@ -30,56 +30,96 @@ MONOMIALS: tuple[frozenset[int], ...] = tuple(
     frozenset(s) for k in (2, 3, 4) for s in combinations(range(4), k))
 MONOMIAL_WORDS = (len(MONOMIALS) + 3) // 4
 
-# A polynomial: monomial -> public coefficient word (None stands for G4, "one" in every group).
-Poly = dict[frozenset[int], torch.Tensor | None]
+# A GF(2) polynomial in the group's secret bits r_0..r_3 whose coefficients are themselves GF(2)
+# polynomials in the public bits cbar_i = NOT c_i: {r-monomial: set of cbar-monomials}.
+_Sym = dict[frozenset[int], frozenset[frozenset[int]]]
 
 
-def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a & b
-
-
-def _xor(a: torch.Tensor | None, b: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    a_t = torch.full_like(like, G4) if a is None else a
-    b_t = torch.full_like(like, G4) if b is None else b
-    return a_t ^ b_t
-
-
-def poly_xor(p: Poly, q: Poly, like: torch.Tensor) -> Poly:
+def _sym_xor(p: _Sym, q: _Sym) -> _Sym:
     out = dict(p)
-    for mono, coef in q.items():
-        out[mono] = _xor(out[mono], coef, like) if mono in out else coef
+    for m, c in q.items():
+        out[m] = out.get(m, frozenset()) ^ c
+        if not out[m]:
+            del out[m]
     return out
 
 
-def poly_and(p: Poly, q: Poly, like: torch.Tensor) -> Poly:
-    out: Poly = {}
+def _sym_and(p: _Sym, q: _Sym) -> _Sym:
+    out: _Sym = {}
     for m1, c1 in p.items():
         for m2, c2 in q.items():
-            term: Poly = {m1 | m2: _and(c1, c2)}
-            out = poly_xor(out, term, like)
+            prod: frozenset[frozenset[int]] = frozenset()
+            for a in c1:
+                for b in c2:
+                    prod = prod ^ frozenset({a | b})
+            out = _sym_xor(out, {m1 | m2: prod})
     return out
 
 
-def group_polys(c: torch.Tensor, want_lt: bool) -> tuple[Poly, Poly]:
-    """LT and EQ of each 4-bit group of public ``c`` against secret ``r``, as polynomials in r's bits.
+Terms = list[tuple[frozenset[int], frozenset[int]]]
 
-    Returns ``(lt, eq)`` (``lt`` is empty when ``want_lt`` is False). Coefficients are words with
-    one bit per group, at positions 4g.
+
+def _group_terms() -> tuple[Terms, Terms]:
+    """LT and EQ of a 4-bit group as lists of (r-monomial, cbar-monomial) terms, worked out once.
+
+    With ``lt_i = cbar_i r_i`` and ``eq_i = cbar_i ^ r_i``, from the low bit up:
+    ``LT = lt_i ^ eq_i LT``, ``EQ = eq_i EQ``. Every r-monomial turns out to have a single
+    cbar-monomial as coefficient (15 terms for LT, 16 for EQ).
     """
-    cbar = [((~c) >> i) & G4 for i in range(4)]
-    lt: Poly = {}
-    eq: Poly = {}
+    one = frozenset({frozenset[int]()})
+    lt: _Sym = {}
+    eq: _Sym = {}
     for i in range(4):
-        eq_i: Poly = {frozenset(): cbar[i], frozenset({i}): None}
-        if want_lt:
-            lt_i: Poly = {frozenset({i}): cbar[i]}
-            lt = lt_i if i == 0 else poly_xor(lt_i, poly_and(eq_i, lt, c), c)
-        eq = eq_i if i == 0 else poly_and(eq_i, eq, c)
-    return lt, eq
+        eq_i: _Sym = {frozenset(): frozenset({frozenset({i})}), frozenset({i}): one}
+        lt_i: _Sym = {frozenset({i}): frozenset({frozenset({i})})}
+        lt = lt_i if i == 0 else _sym_xor(lt_i, _sym_and(eq_i, lt))
+        eq = eq_i if i == 0 else _sym_and(eq_i, eq)
+    return ([(m, t) for m, c in lt.items() for t in c], [(m, t) for m, c in eq.items() for t in c])
+
+
+LT_TERMS, EQ_TERMS = _group_terms()
+
+
+def leaf(c: torch.Tensor, r_share: torch.Tensor, mono_share: torch.Tensor, party: int,
+         want_lt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """XOR shares of (LT, EQ) of every 4-bit group of public ``c`` against secret ``r``, at bit 4g.
+
+    ``r_share`` is this party's XOR share of ``r``; ``mono_share`` its share of the packed degree >= 2
+    monomials (:func:`monomial_words`). Local: about 110 word operations.
+    """
+    notc = ~c
+    cbar = [(notc >> i) & G4 for i in range(4)]
+    cprod: dict[frozenset[int], torch.Tensor | None] = {frozenset(): None}  # None: all ones
+    for k in (1, 2, 3, 4):
+        for subset in combinations(range(4), k):
+            fs = frozenset(subset)
+            if k == 1:
+                cprod[fs] = cbar[subset[0]]
+            else:
+                prev = cprod[frozenset(subset[:-1])]
+                assert prev is not None
+                cprod[fs] = prev & cbar[subset[-1]]
+    shares: dict[frozenset[int], torch.Tensor] = {frozenset({i}): (r_share >> i) & G4 for i in range(4)}
+    for k, mono in enumerate(MONOMIALS):
+        shares[mono] = (mono_share[k // 4] >> (k % 4)) & G4
+
+    scratch = torch.empty_like(c)
+
+    def evaluate(terms: Terms) -> torch.Tensor:
+        out = torch.zeros_like(c)
+        for rmono, tmono in terms:
+            coef = cprod[tmono]
+            if not rmono:  # public term: party 0 alone adds it
+                if party == 0:
+                    out ^= torch.full_like(c, G4) if coef is None else coef
+            elif coef is None:
+                out ^= shares[rmono]
+            else:
+                out ^= torch.bitwise_and(shares[rmono], coef, out=scratch)
+        return out
+
+    eq = evaluate(EQ_TERMS)
+    return (evaluate(LT_TERMS) if want_lt else eq), eq
 
 
 def monomial_words(r: torch.Tensor) -> torch.Tensor:
@@ -92,24 +132,6 @@ def monomial_words(r: torch.Tensor) -> torch.Tensor:
             v = v & bits[i]
         words[k // 4] |= v << (k % 4)
     return torch.stack(words)
-
-
-def eval_poly(p: Poly, r_share: torch.Tensor, mono_share: torch.Tensor, party: int) -> torch.Tensor:
-    """XOR share of a group polynomial, given XOR shares of r and of its packed monomials."""
-    out = torch.zeros_like(r_share)
-    index = {m: k for k, m in enumerate(MONOMIALS)}
-    for mono, coef in p.items():
-        if not mono:
-            if party == 0:
-                out ^= torch.full_like(out, G4) if coef is None else coef
-            continue
-        if len(mono) == 1:
-            share = (r_share >> next(iter(mono))) & G4
-        else:
-            k = index[mono]
-            share = (mono_share[k // 4] >> (k % 4)) & G4
-        out ^= share if coef is None else share & coef
-    return out
 
 
 def unpack3(word: torch.Tensor, mask: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -180,9 +180,7 @@ class DealerProtocol2PC(Protocol):
               with_lt: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """XOR shares of (LT, EQ) at the two top nodes (bits 0 and 32) of the comparison tree."""
         i = self.index
-        lt_p, eq_p = circuits.group_polys(c, want_lt=with_lt)
-        eq = circuits.eval_poly(eq_p, r_bin, mono, i)
-        lt = circuits.eval_poly(lt_p, r_bin, mono, i) if with_lt else eq
+        lt, eq = circuits.leaf(c, r_bin, mono, i, want_lt=with_lt)
         products = triples["c"]
         for lvl, (s, (a, b1, b2)) in enumerate(zip(circuits.LEVEL_SPACINGS, triples["levels"])):
             m = circuits.PAIR_MASKS[s]

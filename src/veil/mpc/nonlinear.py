@@ -54,7 +54,7 @@ def relu(x: SecretTensor) -> SecretTensor:
     return x._new(x.share - xb)
 
 
-def abs(x: SecretTensor) -> SecretTensor:  # noqa: A001 - PyTorch's name
+def abs(x: SecretTensor) -> SecretTensor:
     _, (xb,) = x.protocol.msb(x.share, [x.share])
     return x._new(x.share - 2 * xb)
 
@@ -99,7 +99,7 @@ def _tournament(vals: torch.Tensor, idx: torch.Tensor | None, proto: Any) -> tup
     return vals[..., 0], None if idx is None else idx[..., 0]
 
 
-def max(x: SecretTensor, dim: int | None = None, keepdim: bool = False) -> Any:  # noqa: A001
+def max(x: SecretTensor, dim: int | None = None, keepdim: bool = False) -> Any:
     """Maximum over ``dim`` (all elements when None). With ``dim``, returns ``(values, indices)`` like
     ``torch.max``: indices are secret (fixed-point integers), the first maximum wins ties."""
     if dim is None:

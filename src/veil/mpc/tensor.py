@@ -207,7 +207,7 @@ class SecretTensor:
         return self._new(self.share.t())
 
     @property
-    def T(self) -> SecretTensor:  # noqa: N802 - PyTorch's name
+    def T(self) -> SecretTensor:
         return self._new(self.share.T)
 
     def squeeze(self, dim: int | None = None) -> SecretTensor:
