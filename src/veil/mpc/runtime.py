@@ -52,13 +52,13 @@ def load_program(path: Path) -> Callable[..., Any]:
         raise FileNotFoundError(f"no such script: {path}")
     spec = importlib.util.spec_from_file_location(f"veil_program_{path.stem}", path)
     if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path} as a Python script")
+        raise ValueError(f"cannot load {path} as a Python script")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     fn = getattr(module, "main", None)
     if not callable(fn):
-        raise AttributeError(f"{path} defines no function main(session): veil run calls main(session) in "
+        raise ValueError(f"{path} defines no function main(session): veil run calls main(session) in "
                              f"every compute party")
     return fn
 
