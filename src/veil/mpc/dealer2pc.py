@@ -24,11 +24,12 @@ msb         open ``c = x + r``; compare ``c mod 2^63`` with ``r mod      5      
 eqz         same tree on all 64 bits, EQ only                           5       ~33n
 =========== ========================================================= ======= ==============
 
-Truncation error: for a secret ``|x| < 2^k`` (ring units) the local truncation returns
-``x / 2^f`` within 1 unit in the last place with probability at least ``1 - 2^(k + 1 - 64)``; with
-16 fractional bits and a product of two values below 2^10 (k = 53) that is 1 - 2^-10 ... so products
-should stay far below the ring's range: values of magnitude up to 2^8 give failure below 2^-13 per
-element *before* truncation at 2f bits (k = 2f + 9 = 41: 2^-22). See README "Precision".
+Truncation error: party 0 computes ``floor(x0 / 2^f)``, party 1 ``-floor(-x1 / 2^f)``. When
+the shares do not wrap around 2^64 the result is ``x / 2^f`` within one unit in the last place; for a
+secret ``x`` (ring units, before truncation) they wrap with probability ``|x| / 2^64``, and then the
+result is off by about ``2^(64 - f)``. A product of two values of magnitude 1 at 16 fractional bits
+(``|x| = 2^32``) fails with probability 2^-32, of magnitude 2^4 with 2^-24 per element: applications
+keep values small (normalised inputs) and the approximations keep intermediates near 1 (approx.py).
 """
 
 from __future__ import annotations

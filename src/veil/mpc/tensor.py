@@ -16,9 +16,6 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from veil.mpc.session import Session
 
-Operand = "SecretTensor | torch.Tensor | float | int"
-
-
 def _is_integral(v: Any) -> bool:
     if isinstance(v, bool):
         return False
