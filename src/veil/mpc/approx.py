@@ -7,22 +7,25 @@ tests in ``tests/mpc/test_approx.py`` (which assert these bounds) and by ``bench
 function       method                                                           rounds max error (domain)
 ============== ================================================================ ====== ======================
 exp            ``t = x / 2^8`` at 22 fractional bits, ``1 + t + t^2/2``, then      9     rel 3e-3 on [-4, 4];
-               8 squarings back down to 16 bits                                        abs 2e-3 on (-inf, 0]
-reciprocal     linear minimax guess on ``domain``, Goldschmidt iterations      4..14    rel 1e-3 in domain
+               8 squarings back down to 16 bits                                        abs 2e-3 on [-500, 0]
+reciprocal     linear minimax guess on ``domain``, Goldschmidt iterations      4..14    rel 1e-3 or 4 ulp
+                                                                                        (2^-14) in domain
                (``y *= 1 + e; e = e^2`` in one round each, count chosen from
                the domain), one Newton step when the domain is wider than 16x;
                default domain [1/32, 32]
-rsqrt, sqrt    linear guess, Goldschmidt square-root iterations (2 rounds each) 7..17   rel 2e-3 in domain
+rsqrt, sqrt    linear guess, Goldschmidt square-root iterations (2 rounds each) 3..25   rel 2e-3 in domain
+               (19 rounds on the default domain [1/32, 32])
 log            Householder iterations on ``exp(-y)`` (order 4)                   ~45    abs 5e-3 on [0.05, 100]
-sigmoid        ``e = exp(-|x|)`` (cannot overflow), ``s = 1 / (1 + e)`` by a          18     abs 1e-3 everywhere
-               degree-6 Chebyshev polynomial in e, ``sigmoid = s + [x<0] (1 - 2s)``
-tanh           ``2 sigmoid(2x) - 1``                                              18     abs 2e-3 everywhere
-softmax        max along ``dim`` (tournament), exp of ``x - max`` (<= 0), sum,  5 ceil(log2 k) abs 2e-3
-               reciprocal on [1, k + 0.5]                                       + 16
+sigmoid        ``e = exp(-|x|)``, ``s = 1 / (1 + e)`` by a degree-6 Chebyshev         18     abs 1e-3 on [-500, 500]
+               polynomial in e, ``sigmoid = s + [x<0] (1 - 2s)``
+tanh           ``2 sigmoid(2x) - 1``                                              18     abs 2e-3 on [-250, 250]
+softmax        max along ``dim`` (tournament), exp of ``x - max`` (<= 0), sum,  5 ceil(log2 k) abs 2e-3 when a
+               reciprocal on [1, k + 0.5]                                       + 13..17  row spans < 500
 ============== ================================================================ ====== ======================
 
-Outside a stated domain results degrade (reciprocal and rsqrt diverge); large positive exp inputs
-overflow the ring (see README "Precision").
+Outside a stated domain results are wrong: reciprocal and rsqrt diverge; exp's base ``1 + t + t^2/2``
+exceeds 1 below x = -512 and overflows above x ~ 20 (see README "Precision"). Inputs that may leave
+the domain can be saturated first with ``x.clamp(lo, hi)`` (5 rounds).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def _const(x: SecretTensor, value: float, bits: int) -> torch.Tensor:
 
 
 def exp(x: SecretTensor) -> SecretTensor:
-    """``e^x`` by the limit ``(1 + t + t^2/2)^(2^8)`` with ``t = x / 2^8``.
+    """``e^x`` by the limit ``(1 + t + t^2/2)^(2^8)`` with ``t = x / 2^8``, for x in [-500, 20].
 
     Precision: ``t`` is read at ``f + 6`` fractional bits (``x / 4``, exact to 1 ulp), the
     polynomial is rounded to ``f + 3`` bits, and the squarings return to ``f`` bits one bit at a
@@ -184,6 +187,22 @@ def log(x: SecretTensor, iterations: int = 3, order: int = 4) -> SecretTensor:
         for k, hk in enumerate(powers(h, order), start=1):
             y = y - hk * (1.0 / k)
     return y
+
+
+def power(x: SecretTensor, k: int) -> SecretTensor:
+    """``x ** k`` by repeated squaring (about 2 log2 k rounds)."""
+    if k == 0:
+        return x * 0 + 1
+    result: SecretTensor | None = None
+    base = x
+    while k:
+        if k & 1:
+            result = base if result is None else result * base
+        k >>= 1
+        if k:
+            base = base.square()
+    assert result is not None
+    return result
 
 
 def powers(x: SecretTensor, k: int) -> list[SecretTensor]:

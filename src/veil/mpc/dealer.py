@@ -22,6 +22,7 @@ registry ``RECIPES`` is the allowlist of what a party may ask for.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -284,7 +285,9 @@ def serve(transport: Transport, compute_parties: tuple[str, str]) -> int:
     prg0, prg1 = PRG(k0), PRG(k1)
     served = 0
     while True:
-        raw = transport.recv(p0)
+        # Between requests the dealer is idle for as long as the parties compute: no stall timeout
+        # here (a party that dies closes its connection, which ends this wait at once).
+        raw = transport.recv(p0, wait=math.inf)
         try:
             req = json.loads(bytes(raw))
             name, params = req["recipe"], req.get("params", {})

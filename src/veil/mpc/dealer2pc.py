@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from veil.mpc.session import Session
 
 _NP = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.int64}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+           "float64": torch.float64}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 def _to_bytes(t: torch.Tensor, nbytes: int) -> bytes:
@@ -102,7 +105,8 @@ class DealerProtocol2PC(Protocol):
         return [a ^ b for a, b in zip(shares, theirs)]
 
     # ---- sharing ---------------------------------------------------------------------------
-    def share(self, value: torch.Tensor | None, owner: str, shape: Sequence[int] | None) -> torch.Tensor:
+    def share(self, value: torch.Tensor | None, owner: str, shape: Sequence[int] | None,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
         s = self.s
         if owner not in s.parties:
             raise ValueError(f"owner {owner!r} is not a compute party of this session {list(s.parties)}")
@@ -111,18 +115,21 @@ class DealerProtocol2PC(Protocol):
                 raise ValueError(f"{s.party} owns this secret but passed no value")
             if shape is not None and tuple(shape) != tuple(value.shape):
                 raise ValueError(f"{s.party}: value has shape {tuple(value.shape)}, but shape={tuple(shape)}")
-            s.transport.send(self.peer, json.dumps({"share_shape": list(value.shape)}).encode())
+            header = {"share_shape": list(value.shape), "dtype": _DTYPE_NAMES[dtype]}
+            s.transport.send(self.peer, json.dumps(header).encode())
             mask = s.pair_prg.int64(value.shape).to(value.device)
-            return value - mask
+            return value - mask, dtype
         raw = s.transport.recv(owner)
         try:
-            got = tuple(json.loads(bytes(raw))["share_shape"])
+            header = json.loads(bytes(raw))
+            got = tuple(int(d) for d in header["share_shape"])
+            their_dtype = _DTYPES[header["dtype"]]
         except (ValueError, KeyError, TypeError):
             raise PartyError(f"{s.party}: malformed share header from {owner!r}") from None
         if shape is not None and tuple(shape) != got:
             raise ValueError(f"{s.party}: expected a secret of shape {tuple(shape)} from {owner!r}, "
                              f"but {owner!r} shares shape {got}")
-        return s.pair_prg.int64(got).to(s.device)
+        return s.pair_prg.int64(got).to(s.device), their_dtype
 
     def reveal(self, share: torch.Tensor, to: Sequence[str]) -> torch.Tensor | None:
         s = self.s

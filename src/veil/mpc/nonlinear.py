@@ -59,6 +59,23 @@ def abs(x: SecretTensor) -> SecretTensor:
     return x._new(x.share - 2 * xb)
 
 
+def clamp(x: SecretTensor, lo: float | None = None, hi: float | None = None) -> SecretTensor:
+    """``torch.clamp`` with public bounds, from ``lo + relu(x - lo)`` and ``x - relu(x - hi)``; both
+    ReLUs go through one sign-bit call (5 rounds)."""
+    if lo is None and hi is None:
+        raise ValueError("clamp needs lo, hi or both")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"clamp: lo={lo} is above hi={hi}")
+    bounds = [b for b in (lo, hi) if b is not None]
+    stacked = torch.stack([(x - b).share for b in bounds])
+    _, (prod,) = x.protocol.msb(stacked, [stacked])
+    relus = [x._new(r) for r in stacked - prod]
+    if lo is None:
+        return x - relus[0]
+    out = relus[0] + lo
+    return out if hi is None else out - relus[1]
+
+
 def sign(x: SecretTensor) -> SecretTensor:
     """-1 for negative, +1 otherwise (0 counts as positive)."""
     bit, _ = x.protocol.msb(x.share)

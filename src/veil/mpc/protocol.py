@@ -19,8 +19,10 @@ class Protocol(ABC):
     name: str
 
     @abstractmethod
-    def share(self, value: torch.Tensor | None, owner: str, shape: Sequence[int] | None) -> torch.Tensor:
-        """Secret-share the ring tensor ``value`` held by ``owner``; return this party's share."""
+    def share(self, value: torch.Tensor | None, owner: str, shape: Sequence[int] | None,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
+        """Secret-share the ring tensor ``value`` held by ``owner``; return this party's share and
+        the dtype the owner's data had (every party decodes results to it)."""
 
     @abstractmethod
     def reveal(self, share: torch.Tensor, to: Sequence[str]) -> torch.Tensor | None:

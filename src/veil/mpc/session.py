@@ -102,7 +102,7 @@ class Session:
             t = torch.as_tensor(value)
             dtype = t.dtype if t.dtype.is_floating_point else torch.float32
             ring = self.fixed_point.encode(t, what=f"the secret of {owner!r}").to(self.device)
-        share = self.protocol.share(ring, owner, shape)
+        share, dtype = self.protocol.share(ring, owner, shape, dtype)
         return SecretTensor(share, self, dtype=dtype, owner=owner)
 
     # ---- traffic ---------------------------------------------------------------------------

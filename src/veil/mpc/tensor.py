@@ -278,6 +278,9 @@ class SecretTensor:
     def sign(self) -> SecretTensor:
         return _nl().sign(self)
 
+    def clamp(self, min: float | None = None, max: float | None = None) -> SecretTensor:
+        return _nl().clamp(self, min, max)
+
     def where(self, condition: Any, other: Any) -> SecretTensor:
         """``self`` where ``condition`` else ``other`` (as ``torch.Tensor.where``)."""
         return _nl().where(condition, self, other)

@@ -43,7 +43,7 @@ def _child(party: str, target_pickle: bytes, conn: mpc.Connection, certs_dir: Pa
     try:
         target = pickle.loads(target_pickle)  # noqa: S301 - pickled by our parent process
         listener = socket.create_server(("127.0.0.1", 0))
-        conn.send(("port", listener.getsockname()[1]))
+        _report(conn, ("port", listener.getsockname()[1]))
         if not conn.poll(connect_timeout):
             raise PartyError(f"{party}: no address map from the launcher within {connect_timeout:g} s")
         addresses = conn.recv()
@@ -53,11 +53,17 @@ def _child(party: str, target_pickle: bytes, conn: mpc.Connection, certs_dir: Pa
             result = target(transport)
         finally:
             transport.close()
-        conn.send(("ok", result))
+        _report(conn, ("ok", result))
     except BaseException as e:
         kind = "party" if isinstance(e, PartyError) else "error"
         summary = str(e) if kind == "party" else f"{type(e).__name__}: {e}"
-        conn.send(("error", kind, summary, "".join(traceback.format_exception(e))))
+        _report(conn, ("error", kind, summary, "".join(traceback.format_exception(e))))
+
+
+def _report(conn: mpc.Connection, msg: tuple[Any, ...]) -> None:
+    """Send a message to the launcher as plain pickle bytes: multiprocessing's own pickler would
+    pass torch tensors through shared memory that vanishes when this process exits."""
+    conn.send_bytes(pickle.dumps(msg))
 
 
 def _death(code: int | None) -> str:
@@ -178,7 +184,7 @@ def _run(parties: tuple[str, ...], targets: Mapping[str, Callable[[Transport], A
                 conn = conns[p]
                 try:
                     while conn.poll():  # after an exit, drain what the child sent before it
-                        handle(p, conn.recv())
+                        handle(p, pickle.loads(conn.recv_bytes()))  # noqa: S301 - our own child
                         if what == "conn":
                             break
                 except (EOFError, OSError):

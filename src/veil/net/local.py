@@ -6,6 +6,7 @@ frames are the same as on TCP, so session ids and sequence numbers are checked t
 
 from __future__ import annotations
 
+import math
 import queue
 import secrets
 import threading
@@ -68,12 +69,14 @@ class LocalTransport(Transport):
         self.hub.queues[(self.party, to)].put(frame)
         self.stats.record_send(to, len(frame))
 
-    def recv(self, frm: str) -> bytearray:
+    def recv(self, frm: str, *, wait: float | None = None) -> bytearray:
         self._check_peer(frm)
+        limit = self.timeout if wait is None else wait
         try:
-            frame = self.hub.queues[(frm, self.party)].get(timeout=self.timeout)
+            q = self.hub.queues[(frm, self.party)]
+            frame = q.get() if math.isinf(limit) else q.get(timeout=limit)
         except queue.Empty:
-            raise PartyError(f"{self.party}: no message from {frm!r} within {self.timeout:.0f} s "
+            raise PartyError(f"{self.party}: no message from {frm!r} within {limit:g} s "
                              f"(the party died or stalled)") from None
         if frame is None:
             raise PartyError(f"{self.party}: party {frm!r} closed its connection")

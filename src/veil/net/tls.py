@@ -27,6 +27,7 @@ The hello (party name + session id) and the threading model are described in
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import socket
 import ssl
@@ -236,7 +237,7 @@ class TLSTransport(Transport):
             except PartyError:
                 # The peer may have refused our hello; our own check of its hello names the cause.
                 acceptor.join(min(2.0, max(deadline - time.monotonic(), 0.0)))
-                if accept_error:
+                if accept_error and "refused" in str(accept_error[0]):
                     raise accept_error[0] from None
                 raise
             acceptor.join(max(deadline - time.monotonic(), 0.0) + 1.0)
@@ -277,16 +278,18 @@ class TLSTransport(Transport):
         self._send_seq[to] += 1
         self.stats.record_send(to, HEADER.size + view.nbytes)
 
-    def recv(self, frm: str) -> bytearray:
+    def recv(self, frm: str, *, wait: float | None = None) -> bytearray:
         self._check_peer(frm)
         if self._closed:
             raise PartyError(f"{self.party}: transport is closed")
         if frm in self._recv_failed:
             raise PartyError(self._recv_failed[frm])
+        limit = self.timeout if wait is None else wait
         try:
-            item = self._in[frm].queue.get(timeout=self.timeout)
+            q = self._in[frm].queue
+            item = q.get() if math.isinf(limit) else q.get(timeout=limit)
         except queue.Empty:
-            raise PartyError(f"{self.party}: no message from {frm!r} within {self.timeout:g} s "
+            raise PartyError(f"{self.party}: no message from {frm!r} within {limit:g} s "
                              f"(the party died or stalled)") from None
         if isinstance(item, PartyError):
             self._recv_failed[frm] = str(item)

@@ -113,8 +113,9 @@ class Transport(ABC):
         """Send one message to party ``to``."""
 
     @abstractmethod
-    def recv(self, frm: str) -> bytearray:
-        """Receive the next message from party ``frm``; PartyError after ``timeout`` seconds."""
+    def recv(self, frm: str, *, wait: float | None = None) -> bytearray:
+        """Receive the next message from party ``frm``; PartyError after ``wait`` seconds (default:
+        ``timeout``; ``math.inf`` waits until the message comes or the connection closes)."""
 
     @abstractmethod
     def close(self) -> None:
