@@ -156,8 +156,8 @@ def _sqrt_pair(x: SecretTensor, domain: tuple[float, float]) -> tuple[torch.Tens
     gg, hh = xs * (a - b * xs), (a - b * xs) / 2
     steps = 0
     while np.max(np.abs(gg / np.sqrt(xs) - 1)) > 2.0 ** -(f + 1) and steps < 12:
-        r = 0.5 - gg * hh
-        gg, hh, steps = gg + gg * r, hh + hh * r, steps + 1
+        rr = 0.5 - gg * hh
+        gg, hh, steps = gg + gg * rr, hh + hh * rr, steps + 1
     for _ in range(steps):
         (gh,) = _mul_batch(proto, [(g, h)], f)
         r = _const(x, 0.5, f) - gh

@@ -70,7 +70,7 @@ def _reply(counter: int, part: int, parts: list[torch.Tensor]) -> memoryview:
     corrections, in one copy."""
     head = torch.tensor([counter, part], dtype=torch.int64)
     as_bytes = [p.view(torch.uint8) if p.dtype == torch.int64 else p for p in parts]
-    return memoryview(torch.cat([head.view(torch.uint8), *as_bytes]).numpy())
+    return memoryview(torch.cat([head.view(torch.uint8), *as_bytes]).numpy())  # type: ignore[arg-type]
 
 
 def _low(nbytes: int) -> int | None:

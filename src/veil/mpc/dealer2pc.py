@@ -73,7 +73,7 @@ class DealerProtocol2PC(Protocol):
         t = self.s.transport
         if all(nb == 8 for _, nb in parts):  # one copy into a contiguous buffer, sent as is
             flat = torch.cat([p.detach().reshape(-1).cpu() for p, _ in parts])
-            t.send(self.peer, memoryview(flat.numpy()).cast("B"))
+            t.send(self.peer, memoryview(flat.numpy()).cast("B"))  # type: ignore[arg-type]
         else:
             t.send(self.peer, b"".join(_to_bytes(p, nb) for p, nb in parts))
         raw = t.recv(self.peer)

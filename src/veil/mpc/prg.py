@@ -49,5 +49,5 @@ class PRG:
         # Two spare words: update_into wants block_size - 1 spare bytes in its output buffer.
         out = torch.empty(n + 2, dtype=torch.int64)
         if n:
-            self._enc.update_into(self._zeros(8 * n), out.numpy().view(np.uint8))
+            self._enc.update_into(self._zeros(8 * n), memoryview(out.numpy().view(np.uint8)))  # type: ignore[arg-type]
         return out[:n].reshape(size)

@@ -60,6 +60,9 @@ class Session:
         self.peer = self.parties[1 - self.index]
         self.dealer_name = dealer
         self.options = options or SessionOptions()
+        self.dealer: DealerClient
+        self.pair_prg: PRG
+        self.protocol: Protocol
         if _shared is not None:  # a view with other options over the same connections
             self.dealer, self.pair_prg, self.protocol = _shared.dealer, _shared.pair_prg, _shared.protocol
             return
@@ -73,7 +76,7 @@ class Session:
         self.pair_prg = PRG(key)
         from veil.mpc.dealer2pc import DealerProtocol2PC
 
-        self.protocol: Protocol = DealerProtocol2PC(self)
+        self.protocol = DealerProtocol2PC(self)
 
     # ---- options -------------------------------------------------------------------------
     @property

@@ -178,7 +178,8 @@ class SecretTensor:
     def sum(self, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> SecretTensor:
         if dim is None:
             return self._new(self.share.sum())
-        return self._new(self.share.sum(dim=dim, keepdim=keepdim))
+        dims = dim if isinstance(dim, int) else tuple(dim)
+        return self._new(self.share.sum(dim=dims, keepdim=keepdim))
 
     def mean(self, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> SecretTensor:
         n = self.numel() if dim is None else _count(self.shape, dim)

@@ -247,8 +247,9 @@ class TLSTransport(Transport):
                 missing = sorted(set(peers) - set(incoming))
                 raise PartyError(f"{party}: {missing} did not connect within {connect_timeout:g} s")
         except BaseException:
-            for c in [*outgoing.values(), *incoming.values()]:
-                c.close()
+            opened: list[Outgoing | Incoming] = [*outgoing.values(), *incoming.values()]
+            for ch in opened:
+                ch.close()
             with contextlib.suppress(OSError):
                 listener.close()
             acceptor.join(2.0)
@@ -300,5 +301,6 @@ class TLSTransport(Transport):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            for c in [*self._out.values(), *self._in.values()]:
-                c.close()
+            channels: list[Outgoing | Incoming] = [*self._out.values(), *self._in.values()]
+            for ch in channels:
+                ch.close()
