@@ -19,8 +19,24 @@ def _nibbles(word: int) -> list[int]:
 
 def _xor_share(t: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    mask = torch.randint(-(2**63), 2**63 - 1, t.shape, generator=g, dtype=torch.int64)
+    info = torch.iinfo(t.dtype)
+    mask = torch.randint(info.min, info.max, t.shape, generator=g, dtype=t.dtype)
     return t ^ mask, mask
+
+
+def _bit(t: torch.Tensor, pos: int) -> int:
+    return (int(t) % 2**16 >> pos) & 1
+
+
+@FAST
+@given(WORDS)
+def test_planes_gather_bit_i_of_every_group(xs: list[int]) -> None:
+    p = circuits.planes(torch.tensor(xs, dtype=torch.int64))
+    assert p.shape == (4, len(xs)) and p.dtype == torch.int16
+    for k, word in enumerate(xs):
+        for g, nib in enumerate(_nibbles(word)):
+            for i in range(4):
+                assert _bit(p[i, k], g) == (nib >> i) & 1
 
 
 @FAST
@@ -29,40 +45,49 @@ def test_leaves_compare_every_nibble(cs: list[int], rs: list[int], seed: int) ->
     n = min(len(cs), len(rs))
     c = torch.tensor(cs[:n], dtype=torch.int64)
     r = torch.tensor(rs[:n], dtype=torch.int64)
-    r0, r1 = _xor_share(r, seed)
-    m0, m1 = _xor_share(circuits.monomial_words(r), seed + 1)
-    lt0, eq0 = circuits.leaf(c, r0, m0, 0, want_lt=True)
-    lt1, eq1 = circuits.leaf(c, r1, m1, 1, want_lt=True)
+    m0, m1 = _xor_share(circuits.monomials(circuits.planes(r)), seed)
+    cp = circuits.planes(c)
+    lt0, eq0 = circuits.leaf(cp, m0, 0, want_lt=True)
+    lt1, eq1 = circuits.leaf(cp, m1, 1, want_lt=True)
     lt, eq = lt0 ^ lt1, eq0 ^ eq1
     for i in range(n):
-        pairs = list(enumerate(zip(_nibbles(cs[i]), _nibbles(rs[i]))))
-        want_lt = sum(1 << (4 * g) for g, (a, b) in pairs if a < b)
-        want_eq = sum(1 << (4 * g) for g, (a, b) in pairs if a == b)
-        assert int(lt[i]) % 2**64 == want_lt, "LT = [c < r] per 4-bit group, at bit 4g"
-        assert int(eq[i]) % 2**64 == want_eq, "EQ = [c == r] per 4-bit group, at bit 4g"
-    _, eq_only0 = circuits.leaf(c, r0, m0, 0, want_lt=False)
-    _, eq_only1 = circuits.leaf(c, r1, m1, 1, want_lt=False)
+        for g, (a, b) in enumerate(zip(_nibbles(cs[i]), _nibbles(rs[i]))):
+            assert _bit(lt[i], g) == int(a < b), "LT = [c < r] of group g, at bit g"
+            assert _bit(eq[i], g) == int(a == b), "EQ = [c == r] of group g, at bit g"
+    _, eq_only0 = circuits.leaf(cp, m0, 0, want_lt=False)
+    _, eq_only1 = circuits.leaf(cp, m1, 1, want_lt=False)
     assert torch.equal(eq_only0 ^ eq_only1, eq)
 
 
 @FAST
 @given(WORDS)
-def test_monomial_words_pack_every_product_of_a_group(rs: list[int]) -> None:
+def test_monomials_are_every_product_of_the_planes(rs: list[int]) -> None:
     r = torch.tensor(rs, dtype=torch.int64)
-    words = circuits.monomial_words(r)
-    assert words.shape == (circuits.MONOMIAL_WORDS, len(rs))
-    for i, word in enumerate(rs):
+    mono = circuits.monomials(circuits.planes(r))
+    assert mono.shape == (15, len(rs))
+    for k, word in enumerate(rs):
         for g, nib in enumerate(_nibbles(word)):
-            for k, mono in enumerate(circuits.MONOMIALS):
-                want = int(all((nib >> b) & 1 for b in mono))
-                got = (int(words[k // 4, i]) % 2**64 >> (4 * g + k % 4)) & 1
-                assert got == want
+            for j, m in enumerate(circuits.MONOMIALS):
+                assert _bit(mono[j, k], g) == int(all((nib >> b) & 1 for b in m))
+
+
+@FAST
+@given(st.integers(1, 50), st.integers(0, 2**32))
+def test_level_masks_and_packed_products(n: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    draw = torch.randint(-(2**15), 2**15 - 1, (len(circuits.MASK_ROWS), n), generator=g, dtype=torch.int16)
+    levels, final = circuits.level_masks(draw, with_lt=True)
+    assert int(final.max()) <= 7 and final.dtype == torch.int64
+    word = circuits.pack_products(levels)
+    for lvl, (a, b1, b2) in enumerate(levels):
+        m = circuits.PAIR_MASKS[circuits.LEVEL_SPACINGS[lvl]]
+        for t in (a, b1, b2):
+            assert int((t & ~torch.tensor(m, dtype=torch.int16)).abs().max()) == 0, "masks stay on the level's bits"
+        c1, c2 = circuits.unpack_products(word, lvl)
+        assert torch.equal(c1, a & b1) and torch.equal(c2, a & b2)
 
 
 def test_constants_describe_the_tree() -> None:
-    assert len(circuits.MONOMIALS) == 11 and circuits.MONOMIAL_WORDS == 3
-    assert circuits.G4 == sum(1 << (4 * g) for g in range(16))
+    assert len(circuits.MONOMIALS) == 15 and len(circuits.LT_TERMS) == 15 and len(circuits.EQ_TERMS) == 16
     for s, mask in circuits.PAIR_MASKS.items():
-        assert mask == sum(1 << p for p in range(0, 64, 2 * s))
-    word = torch.tensor([0b101], dtype=torch.int64)
-    assert [int(t) for t in circuits.unpack3(word, 1)] == [1, 0, 1]
+        assert mask == sum(1 << p for p in range(0, 16, 2 * s))

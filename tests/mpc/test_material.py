@@ -18,11 +18,11 @@ from veil.mpc import circuits
 N = 257
 
 
-def msb_table(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def msb_table(k: torch.Tensor, m: torch.Tensor, r63: torch.Tensor) -> torch.Tensor:
     """Last step of msb: mask bits (alpha, beta, gamma); entry k = opened (v ^ beta, w ^ gamma);
-    the table holds alpha ^ (v & w)."""
+    the table holds alpha ^ r63 ^ (v & w) (the dealer folds r's top bit in)."""
     alpha, beta, gamma = m & 1, (m >> 1) & 1, (m >> 2) & 1
-    return alpha ^ (((k & 1) ^ beta) & (((k >> 1) & 1) ^ gamma))
+    return alpha ^ r63 ^ (((k & 1) ^ beta) & (((k >> 1) & 1) ^ gamma))
 
 
 def eq_table(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ def _take_all(session: veil.Session) -> dict[str, Any]:
         params = dict(params)
         mat = take(params.pop("name"), **params)
         fields = {"triple": ["a", "b", "c"], "square": ["a", "a2"]}.get(
-            requests[key]["name"], ["r", "r_bin", "mono", "triples", "m", "t", "masks"])
+            requests[key]["name"], ["r", "tree", "m", "t", "masks"])
         out[key] = {f: _plain(mat[f]) for f in fields}
     return out
 
@@ -91,29 +91,28 @@ def test_square_pairs_reconstruct(shares: dict[str, Any]) -> None:
 def test_comparison_material_reconstructs(shares: dict[str, Any], kind: str) -> None:
     s0, s1 = shares["alice"][kind], shares["bob"][kind]
     r = s0["r"] + s1["r"]
-    assert torch.equal(s0["r_bin"] ^ s1["r_bin"], r), "XOR shares of r's bits"
+    t0, t1 = s0["tree"], s1["tree"]
     source = r & circuits.MASK63 if kind == "msb" else r
-    assert torch.equal(s0["mono"] ^ s1["mono"], circuits.monomial_words(source)), "monomials of r's groups"
-    # AND triples of the three tree levels, products packed in one word
-    levels0, levels1 = s0["triples"]["levels"], s1["triples"]["levels"]
-    word = torch.zeros(N, dtype=torch.int64)
-    for lvl, (s, (a0, b10, b20), (a1, b11, b21)) in enumerate(zip(circuits.LEVEL_SPACINGS, levels0, levels1)):
-        mask = circuits.PAIR_MASKS[s]
-        a, b1 = a0 ^ a1, b10 ^ b11
-        assert int(((a | b1) & ~mask).abs().sum()) == 0, "level masks stay on their node positions"
-        word |= (a & b1) << (2 * lvl)
-        if kind == "msb":
-            word |= (a & (b20 ^ b21)) << (2 * lvl + 1)
-        else:
-            assert b20 is None and b21 is None
-    assert torch.equal(s0["triples"]["c"] ^ s1["triples"]["c"], word)
+    assert torch.equal(t0["mono"] ^ t1["mono"], circuits.monomials(circuits.planes(source))), \
+        "XOR shares of the monomials of r's planes"
+    # AND triples of the three tree levels, products packed in two int16 words
+    levels = []
+    for s, l0, l1 in zip(circuits.LEVEL_SPACINGS, t0["levels"], t1["levels"]):
+        trio = tuple(x ^ y for x, y in zip(l0, l1))
+        mask = torch.tensor(circuits.PAIR_MASKS[s], dtype=torch.int16)
+        for t in trio:
+            assert int((t & ~mask).abs().sum()) == 0, "level masks stay on their node positions"
+        assert len(trio) == (3 if kind == "msb" else 2)
+        levels.append(trio)
+    assert torch.equal(t0["products"] ^ t1["products"], circuits.pack_products(levels))
     # truth table of the last step, and the masked products with the multiplicands
     m = s0["m"] ^ s1["m"]
     bits = 3 if kind == "msb" else 2
     assert int(m.max()) < 2**bits and int(m.min()) >= 0
-    fn = msb_table if kind == "msb" else eq_table
     table = s0["t"] + s1["t"]
-    assert torch.equal(table, fn(torch.arange(4)[None, :], m[:, None]))
+    k = torch.arange(4)[None, :]
+    want = msb_table(k, m[:, None], ((r >> 63) & 1)[:, None]) if kind == "msb" else eq_table(k, m[:, None])
+    assert torch.equal(table, want)
     assert set(table.unique().tolist()) <= {0, 1}
     assert len(s0["masks"]) == (2 if kind == "msb" else 1)
     for (a0, at0), (a1, at1) in zip(s0["masks"], s1["masks"]):

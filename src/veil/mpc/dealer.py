@@ -36,7 +36,6 @@ from veil.net.transport import PartyError, Transport
 Recipe = Callable[..., Any]
 RECIPES: dict[str, Recipe] = {}
 MAX_REQUEST_ELEMENTS = 1 << 31
-_NP_BY_BYTES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.int64}
 _REPLY = struct.Struct("<QQ")  # request number, part
 
 
@@ -56,25 +55,19 @@ def _mask(t: torch.Tensor, mask: int | None) -> torch.Tensor:
     return t if mask is None else t & mask
 
 
-def _encode(t: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """A correction as a flat tensor of int64 words (``nbytes == 8``) or of raw bytes."""
-    flat = t.detach().reshape(-1).cpu()
-    if nbytes == 8:
-        return flat
-    arr = flat.numpy().astype(_NP_BY_BYTES[nbytes])
-    return torch.from_numpy(arr.view(np.uint8))
+_WIRE = {8: torch.int64, 2: torch.int16}  # binary fields travel as 64-bit words or 16-bit planes
+
+
+def _encode(t: torch.Tensor) -> torch.Tensor:
+    """A correction as a flat tensor of bytes."""
+    return t.detach().reshape(-1).cpu().contiguous().view(torch.uint8)
 
 
 def _reply(counter: int, part: int, parts: list[torch.Tensor]) -> memoryview:
     """Part ``part`` of the dealer's answer to request ``counter``: both numbers, then the
     corrections, in one copy."""
     head = torch.tensor([counter, part], dtype=torch.int64)
-    as_bytes = [p.view(torch.uint8) if p.dtype == torch.int64 else p for p in parts]
-    return memoryview(torch.cat([head.view(torch.uint8), *as_bytes]).numpy())  # type: ignore[arg-type]
-
-
-def _low(nbytes: int) -> int | None:
-    return (1 << (8 * nbytes)) - 1 if nbytes < 8 else None
+    return memoryview(torch.cat([head.view(torch.uint8), *parts]).numpy())  # type: ignore[arg-type]
 
 
 class DealerBox:
@@ -99,8 +92,9 @@ class DealerBox:
     def rand_arith(self, shape: tuple[int, ...]) -> torch.Tensor:
         return self.prgs[0].int64(shape) + self.prgs[1].int64(shape)
 
-    def rand_bin(self, shape: tuple[int, ...], mask: int | None = None) -> torch.Tensor:
-        return _mask(self.prgs[0].int64(shape) ^ self.prgs[1].int64(shape), mask)
+    def rand_bin(self, shape: tuple[int, ...], mask: int | None = None,
+                 dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return _mask(self.prgs[0].draw(shape, dtype) ^ self.prgs[1].draw(shape, dtype), mask)
 
     def _derived(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor]) -> torch.Tensor:
         v = value()
@@ -110,13 +104,13 @@ class DealerBox:
 
     def arith(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor], to: int = 1) -> torch.Tensor:
         v = self._derived(shape, value)
-        self.corrections[to].append(_encode(v - self.prgs[1 - to].int64(shape), 8))
+        self.corrections[to].append(_encode(v - self.prgs[1 - to].int64(shape)))
         return v
 
     def bin(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor], nbytes: int = 8,
             to: int = 1) -> torch.Tensor:
-        v = self._derived(shape, value)
-        self.corrections[to].append(_encode(v ^ _mask(self.prgs[1 - to].int64(shape), _low(nbytes)), nbytes))
+        v = self._derived(shape, value).to(_WIRE[nbytes])
+        self.corrections[to].append(_encode(v ^ self.prgs[1 - to].draw(shape, _WIRE[nbytes])))
         return v
 
 
@@ -144,8 +138,9 @@ class PartyBox:
     def rand_arith(self, shape: tuple[int, ...]) -> torch.Tensor:
         return self.prg.int64(shape)
 
-    def rand_bin(self, shape: tuple[int, ...], mask: int | None = None) -> torch.Tensor:
-        return _mask(self.prg.int64(shape), mask)
+    def rand_bin(self, shape: tuple[int, ...], mask: int | None = None,
+                 dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return _mask(self.prg.draw(shape, dtype), mask)
 
     def _later(self, shape: tuple[int, ...], nbytes: int) -> Any:
         p = _Pending(tuple(shape), nbytes, self.part)
@@ -159,7 +154,7 @@ class PartyBox:
             to: int = 1) -> Any:
         if self.index == to:
             return self._later(shape, nbytes)
-        return _mask(self.prg.int64(shape), _low(nbytes))
+        return self.prg.draw(shape, _WIRE[nbytes])
 
 
 class Material:
@@ -193,14 +188,11 @@ class Material:
             n = int(np.prod(p.shape)) if p.shape else 1
             if off + n * p.nbytes > len(buf):
                 raise PartyError("dealer's message is shorter than the recipe needs (parties out of step?)")
+            dtype = _WIRE[p.nbytes]
             if n == 0:
-                self._values[id(p)] = torch.zeros(p.shape, dtype=torch.int64)
-            elif p.nbytes == 8:
-                self._values[id(p)] = torch.frombuffer(buf, dtype=torch.int64, count=n,
-                                                       offset=off).reshape(p.shape)
+                self._values[id(p)] = torch.zeros(p.shape, dtype=dtype)
             else:
-                arr = np.frombuffer(buf, dtype=_NP_BY_BYTES[p.nbytes], count=n, offset=off)
-                self._values[id(p)] = torch.from_numpy(arr.astype(np.int64)).reshape(p.shape)
+                self._values[id(p)] = torch.frombuffer(buf, dtype=dtype, count=n, offset=off).reshape(p.shape)
             off += n * p.nbytes
         if off != len(buf):
             raise PartyError(f"dealer's message has {len(buf) - off} bytes the recipe did not use "

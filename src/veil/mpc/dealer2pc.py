@@ -68,40 +68,35 @@ class DealerProtocol2PC(Protocol):
         self.peer = session.peer
 
     # ---- communication -------------------------------------------------------------------
-    def exchange(self, parts: Sequence[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
-        """One round: send ``parts`` (tensor, bytes per element) to the peer, return the peer's."""
+    def exchange(self, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One round: send ``parts`` (int64, int16 or uint8 tensors) to the peer, return the peer's
+        tensors of the same shapes and dtypes. One copy into one buffer, one message."""
         t = self.s.transport
-        if all(nb == 8 for _, nb in parts):  # one copy into a contiguous buffer, sent as is
-            flat = torch.cat([p.detach().reshape(-1).cpu() for p, _ in parts])
-            t.send(self.peer, memoryview(flat.numpy()).cast("B"))  # type: ignore[arg-type]
-        else:
-            t.send(self.peer, b"".join(_to_bytes(p, nb) for p, nb in parts))
+        flat = torch.cat([p.detach().reshape(-1).cpu().view(torch.uint8) for p in parts])
+        t.send(self.peer, memoryview(flat.numpy()))  # type: ignore[arg-type]
         raw = t.recv(self.peer)
         self.s.stats.rounds += 1
-        expected = sum(p.numel() * nb for p, nb in parts)
+        expected = sum(p.numel() * p.element_size() for p in parts)
         if len(raw) != expected:
             raise PartyError(f"{self.s.party}: expected {expected} bytes from {self.peer!r}, got {len(raw)} "
                              f"(parties out of step)")
         out, off = [], 0
-        for p, nb in parts:
-            if p.numel() == 0:
-                arr = torch.zeros(0, dtype=torch.int64)
-            elif nb == 8:
-                arr = torch.frombuffer(raw, dtype=torch.int64, count=p.numel(), offset=off)
-            else:
-                arr = torch.from_numpy(np.frombuffer(raw, dtype=_NP[nb], count=p.numel(), offset=off)
-                                       .astype(np.int64))
-            off += p.numel() * nb
+        for p in parts:
+            n = p.numel()
+            arr = torch.zeros(0, dtype=p.dtype) if n == 0 else torch.frombuffer(raw, dtype=p.dtype, count=n,
+                                                                               offset=off)
+            off += n * p.element_size()
             out.append(arr.reshape(p.shape).to(p.device))
         return out
 
     def open(self, shares: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Reveal arithmetic shares to both compute parties (one round)."""
-        theirs = self.exchange([(x, 8) for x in shares])
+        theirs = self.exchange(shares)
         return [a + b for a, b in zip(shares, theirs)]
 
-    def open_xor(self, shares: Sequence[torch.Tensor], nbytes: int = 8) -> list[torch.Tensor]:
-        theirs = self.exchange([(x, nbytes) for x in shares])
+    def open_xor(self, shares: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Reveal XOR shares to both compute parties (one round), in their own dtypes."""
+        theirs = self.exchange(shares)
         return [a ^ b for a, b in zip(shares, theirs)]
 
     # ---- sharing ---------------------------------------------------------------------------
@@ -184,42 +179,50 @@ class DealerProtocol2PC(Protocol):
         return -((-x) >> bits)
 
     # ---- comparisons -----------------------------------------------------------------------
-    def _tree(self, c: torch.Tensor, r_bin: torch.Tensor, mono: torch.Tensor, triples: dict[str, Any],
-              with_lt: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """XOR shares of (LT, EQ) at the two top nodes (bits 0 and 32) of the comparison tree."""
+    def _tree(self, c: torch.Tensor, tree: dict[str, Any], with_lt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """XOR shares (int16) of (LT, EQ) at the two top nodes (bits 0 and 8) of the comparison tree."""
         i = self.index
-        lt, eq = circuits.leaf(c, r_bin, mono, i, want_lt=with_lt)
-        products = triples["c"]
-        for lvl, (s, (a, b1, b2)) in enumerate(zip(circuits.LEVEL_SPACINGS, triples["levels"])):
+        lt, eq = circuits.leaf(circuits.planes(c), tree["mono"].to(torch.int16), i, want_lt=with_lt)
+        products = tree["products"].to(torch.int16)
+        for lvl, (s, masks) in enumerate(zip(circuits.LEVEL_SPACINGS, tree["levels"])):
             m = circuits.PAIR_MASKS[s]
             hi_eq, lo_eq = (eq >> s) & m, eq & m
-            cc = products >> (2 * lvl)
+            c1, c2 = circuits.unpack_products(products, lvl)
             if with_lt:
+                a, b1, b2 = masks
                 hi_lt, lo_lt = (lt >> s) & m, lt & m
-                (opened,) = self.open_xor([(hi_eq ^ a) | ((lo_lt ^ b1) << 1) | ((lo_eq ^ b2) << 2)])
-                d, e1, e2 = circuits.unpack3(opened, m)
-                z1 = (cc & m) ^ (d & b1) ^ (e1 & a)
-                z2 = ((cc >> 1) & m) ^ (d & b2) ^ (e2 & a)
+                first = (hi_eq ^ a) | ((lo_lt ^ b1) << 1)
+                if s == 1:  # pairs at even bits: two operands fit in a word, the third goes apart
+                    d_e1, e2 = self.open_xor([first, lo_eq ^ b2])
+                else:
+                    (d_e1,) = self.open_xor([first | ((lo_eq ^ b2) << 2)])
+                    e2 = (d_e1 >> 2) & m
+                d, e1 = d_e1 & m, (d_e1 >> 1) & m
+                z1 = c1 ^ (d & b1) ^ (e1 & a)
+                z2 = c2 ^ (d & b2) ^ (e2 & a)
                 if i == 0:
                     z1, z2 = z1 ^ (d & e1), z2 ^ (d & e2)
                 lt, eq = hi_lt ^ z1, z2
             else:
+                a, b1 = masks
                 (opened,) = self.open_xor([(hi_eq ^ a) | ((lo_eq ^ b1) << 1)])
                 d, e1 = opened & m, (opened >> 1) & m
-                z = (cc & m) ^ (d & b1) ^ (e1 & a)
+                z = c1 ^ (d & b1) ^ (e1 & a)
                 if i == 0:
                     z = z ^ (d & e1)
                 eq = lt = z
         return lt, eq
 
-    def _finish(self, index_share: torch.Tensor, mat: dict[str, Any], es: Sequence[torch.Tensor],
+    def _finish(self, index_share: torch.Tensor, mat: Any, es: Sequence[torch.Tensor],
                 low_bit: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Open the masked final bits and read the dealer's 4-entry truth table at the opened index.
 
         Returns the opened low bit (msb only; zeros for eqz), the shares of the table entry ``h``
         and of ``y * h`` for each multiplicand ``y`` (from ``e = y - a`` and the dealer's ``a * T``).
         """
-        (j,) = self.open_xor([index_share ^ mat["m"]], nbytes=1)
+        masked = (index_share.to(torch.int64) ^ mat["m"]).to(torch.uint8)
+        (j,) = self.open_xor([masked])
+        j = j.to(torch.int64)
         low = j & 1 if low_bit else torch.zeros_like(j)
         k = (j >> 1 if low_bit else j).unsqueeze(1)
         h = mat["t"].gather(1, k).squeeze(1)
@@ -238,12 +241,10 @@ class DealerProtocol2PC(Protocol):
         mat = self._take("msb", flat, yflat)
         opened = self.open([flat + mat["r"]] + [y - a for y, (a, _) in zip(yflat, mat["masks"])])
         c, es = opened[0], opened[1:]
-        lt, eq = self._tree(c & circuits.MASK63, mat["r_bin"] & circuits.MASK63, mat["mono"],
-                            mat["triples"], with_lt=True)
-        q = ((lt >> 32) & 1) ^ ((mat["r_bin"] >> 63) & 1)
-        index = q | (((eq >> 32) & 1) << 1) | ((lt & 1) << 2)
+        lt, eq = self._tree(c & circuits.MASK63, mat["tree"], with_lt=True)
+        index = ((lt >> 8) & 1) | (((eq >> 8) & 1) << 1) | ((lt & 1) << 2)
         q_hat, h, prods = self._finish(index, mat, es, low_bit=True)
-        # msb = c63 ^ q_hat ^ h with h the table entry: arithmetic p + (1 - 2p) h for public p
+        # msb = c63 ^ q_hat ^ h (the dealer folded r's top bit into the table): p + (1 - 2p) h
         p = ((c >> 63) & 1) ^ q_hat
         sigma = 1 - 2 * p
         bit = sigma * h + (p if self.index == 0 else 0)
@@ -256,8 +257,8 @@ class DealerProtocol2PC(Protocol):
         mat = self._take("eqz", flat, yflat)
         opened = self.open([flat + mat["r"]] + [y - a for y, (a, _) in zip(yflat, mat["masks"])])
         c, es = opened[0], opened[1:]
-        _, eq = self._tree(c, mat["r_bin"], mat["mono"], mat["triples"], with_lt=False)
-        index = ((eq >> 32) & 1) | ((eq & 1) << 1)
+        _, eq = self._tree(c, mat["tree"], with_lt=False)
+        index = ((eq >> 8) & 1) | ((eq & 1) << 1)
         _, h, prods = self._finish(index, mat, es, low_bit=False)
         return h.reshape(shape), [p.reshape(shape) for p in prods]
 

@@ -76,32 +76,14 @@ def square(box: Any, n: int) -> dict[str, Any]:
     return {"a": a, "a2": box.arith((n,), lambda: a * a)}
 
 
-# Bit offsets, inside one random word, of the AND-triple masks of each tree level (a, b1, b2) and of
-# the 3 final mask bits: level l's masks sit at positions PAIR_MASKS[s] + offset, all disjoint.
-TRIPLE_OFFSETS = ((0, 1, 2), (3, 4, 5), (6, 7, 8))
-FINAL_MASK_OFFSET = 61
-
-
-def _tree_triples(box: Any, n: int, with_lt: bool) -> dict[str, Any]:
-    """AND triples of the three tree levels, masks cut from one random word (``w``): per level
-    ``a``, ``b1`` (and ``b2``), with all products packed in one derived word (level ``l``'s at bit
-    offset ``2 l``); and the final mask ``m``."""
-    w = box.rand_bin((n,))
-    levels = []
-    for s, (oa, ob1, ob2) in zip(circuits.LEVEL_SPACINGS, TRIPLE_OFFSETS):
-        m = circuits.PAIR_MASKS[s]
-        levels.append(((w >> oa) & m, (w >> ob1) & m, (w >> ob2) & m if with_lt else None))
-
-    def products() -> torch.Tensor:
-        word = torch.zeros((n,), dtype=torch.int64)
-        for lvl, (a, b1, b2) in enumerate(levels):
-            word |= (a & b1) << (2 * lvl)
-            if b2 is not None:
-                word |= (a & b2) << (2 * lvl + 1)
-        return word
-
-    final = (w >> FINAL_MASK_OFFSET) & 7
-    return {"levels": levels, "c": box.bin((n,), products), "m": final}
+def _tree_material(box: Any, n: int, r: torch.Tensor, with_lt: bool) -> dict[str, Any]:
+    """XOR shares of the 15 monomials of r's planes (2 bytes each), and the AND triples of the three
+    tree levels: random masks, products packed in two int16 words."""
+    mono = box.bin((len(circuits.MONOMIALS), n), lambda: circuits.monomials(circuits.planes(r)), nbytes=2)
+    draw = box.rand_bin((len(circuits.MASK_ROWS), n), dtype=torch.int16)
+    levels, final = circuits.level_masks(draw, with_lt)
+    prods = box.bin((2, n), lambda: circuits.pack_products(levels), nbytes=2)
+    return {"mono": mono, "levels": levels, "products": prods, "m": final}
 
 
 def _table(box: Any, n: int, m: torch.Tensor, fn: Any, ys: int) -> tuple[Any, ...]:
@@ -127,39 +109,34 @@ def _and2(k: torch.Tensor) -> torch.Tensor:
     return k & (k >> 1) & 1
 
 
-def _msb_fn(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    # m = (alpha, beta, gamma); k = opened (v ^ beta, w ^ gamma); h = alpha ^ (v & w)
-    return (m & 1) ^ _and2(k ^ (m >> 1))
+def _msb_fn(k: torch.Tensor, m: torch.Tensor, r63: torch.Tensor) -> torch.Tensor:
+    # m = (alpha, beta, gamma); k = opened (v ^ beta, w ^ gamma); entry = alpha ^ r63 ^ (v & w)
+    return (m & 1) ^ r63 ^ _and2(k ^ (m >> 1))
 
 
 def _eq_fn(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    # m = (beta, gamma); k = opened (v ^ beta, w ^ gamma); h = v & w
+    # m = (beta, gamma); k = opened (v ^ beta, w ^ gamma); entry = v & w
     return _and2(k ^ m)
 
 
 @recipe("msb")
 def msb(box: Any, n: int, ys: int = 0) -> dict[str, Any]:
-    """Material for the most significant bit of ``n`` secrets, and its products with ``ys`` secrets.
-
-    Mask ``r`` (arithmetic and XOR shares of its 64 bits), the packed degree >= 2 monomials of each
-    4-bit group of ``r mod 2^63``, AND triples for three tree levels, and the final truth table.
-    """
+    """Material for the most significant bit of ``n`` secrets, and its products with ``ys`` secrets:
+    a mask ``r``, the tree's material for ``r mod 2^63``, then (second part, needed last) the final
+    truth table, into which the dealer folds r's top bit."""
     r = box.rand_arith((n,))
-    r_bin = box.bin((n,), lambda: r)
-    mono = box.bin((circuits.MONOMIAL_WORDS, n), lambda: circuits.monomial_words(r & circuits.MASK63))
-    tri = _tree_triples(box, n, with_lt=True)
+    tree = _tree_material(box, n, r & circuits.MASK63, with_lt=True)
     box.flush()  # the tree's material goes out while the dealer computes the tables
-    m, t, masks = _table(box, n, tri["m"], _msb_fn, ys)
-    return {"r": r, "r_bin": r_bin, "mono": mono, "triples": tri, "m": m, "t": t, "masks": masks}
+    m, t, masks = _table(box, n, tree["m"],
+                         lambda k, m: _msb_fn(k, m, ((r >> 63) & 1)[:, None]), ys)
+    return {"r": r, "tree": tree, "m": m, "t": t, "masks": masks}
 
 
 @recipe("eqz")
 def eqz(box: Any, n: int, ys: int = 0) -> dict[str, Any]:
     """Material for testing ``n`` secrets against zero (all 64 bits), and products with ``ys``."""
     r = box.rand_arith((n,))
-    r_bin = box.bin((n,), lambda: r)
-    mono = box.bin((circuits.MONOMIAL_WORDS, n), lambda: circuits.monomial_words(r))
-    tri = _tree_triples(box, n, with_lt=False)
+    tree = _tree_material(box, n, r, with_lt=False)
     box.flush()
-    m, t, masks = _table(box, n, tri["m"] & 3, _eq_fn, ys)
-    return {"r": r, "r_bin": r_bin, "mono": mono, "triples": tri, "m": m, "t": t, "masks": masks}
+    m, t, masks = _table(box, n, tree["m"] & 3, _eq_fn, ys)
+    return {"r": r, "tree": tree, "m": m, "t": t, "masks": masks}

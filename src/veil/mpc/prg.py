@@ -43,11 +43,16 @@ class PRG:
 
     def int64(self, shape: tuple[int, ...] | torch.Size | int) -> torch.Tensor:
         """Uniform ring elements of the given shape."""
+        return self.draw(shape, torch.int64)
+
+    def draw(self, shape: tuple[int, ...] | torch.Size | int, dtype: torch.dtype) -> torch.Tensor:
+        """Uniform integers of ``dtype`` (all bit patterns equally likely) of the given shape."""
         size = torch.Size((shape,) if isinstance(shape, int) else shape)
         n = size.numel()
-        self.words_drawn += n
-        # Two spare words: update_into wants block_size - 1 spare bytes in its output buffer.
-        out = torch.empty(n + 2, dtype=torch.int64)
+        width = torch.empty(0, dtype=dtype).element_size()
+        self.words_drawn += (n * width + 7) // 8
+        # Spare room: update_into wants block_size - 1 spare bytes in its output buffer.
+        out = torch.empty(n + 16 // width, dtype=dtype)
         if n:
-            self._enc.update_into(self._zeros(8 * n), memoryview(out.numpy().view(np.uint8)))  # type: ignore[arg-type]
+            self._enc.update_into(self._zeros(width * n), memoryview(out.numpy().view(np.uint8)))  # type: ignore[arg-type]
         return out[:n].reshape(size)
