@@ -144,7 +144,8 @@ def level_masks(draw: torch.Tensor, with_lt: bool) -> tuple[list[tuple[torch.Ten
     int16 (independent rows, each kept at the bits its level uses)."""
     rows = torch.tensor(MASK_ROWS, dtype=torch.int16, device=draw.device).unsqueeze(1)
     m = draw & rows
-    levels = [(m[3 * k], m[3 * k + 1], m[3 * k + 2]) if with_lt else (m[3 * k], m[3 * k + 1]) for k in range(3)]
+    per_level = 3 if with_lt else 2
+    levels: list[tuple[torch.Tensor, ...]] = [tuple(m[3 * k + j] for j in range(per_level)) for k in range(3)]
     return levels, m[9].to(torch.int64)
 
 
