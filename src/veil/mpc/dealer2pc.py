@@ -16,12 +16,12 @@ reveal      the other party sends its share to each receiver            1       
 mul/matmul  Beaver triple from the dealer, open ``x - a`` and ``y - b``  1       8(|x|+|y|)
 truncate    local (SecureML): party 0 shifts its share, party 1          0       0
             negates, shifts and negates back
-msb         open ``c = x + r``; compare ``c mod 2^63`` with ``r mod      5       ~41n
-            2^63`` on XOR shares (leaf groups of 4 bits evaluated
-            locally from dealer monomials, 3 AND levels), last level
-            and conversion to arithmetic in one opening of a masked
-            3-bit index into a dealer truth table
-eqz         same tree on all 64 bits, EQ only                           5       ~33n
+msb         open ``c = x + r``; compare ``c mod 2^63`` with ``r mod      5       17n (+8n per
+            2^63`` on XOR shares in 16-bit planes (leaf groups of 4     product ``y * msb``)
+            bits evaluated locally from dealer monomials, 3 AND
+            levels), last level and conversion to arithmetic in one
+            opening of a masked 3-bit index into a dealer truth table
+eqz         same tree on all 64 bits, EQ only                           5       15n
 =========== ========================================================= ======= ==============
 
 Truncation error: party 0 computes ``floor(x0 / 2^f)``, party 1 ``-floor(-x1 / 2^f)``. When
