@@ -31,9 +31,20 @@ MONOMIALS: tuple[frozenset[int], ...] = tuple(
 _INDEX = {m: k for k, m in enumerate(MONOMIALS)}
 
 
+PLANES_CHUNK = 16384  # elements per block: the int64 temporaries stay in the core's cache
+
+
 def planes(x: torch.Tensor) -> torch.Tensor:
     """``[4, *x.shape]`` int16: plane ``i`` holds bit ``4g + i`` of each int64 of ``x`` at bit ``g``."""
-    shifts = torch.arange(4, dtype=torch.int64, device=x.device).reshape(4, *([1] * x.dim()))
+    flat = x.reshape(-1)
+    if flat.numel() > PLANES_CHUNK:
+        blocks = [_planes(flat[i:i + PLANES_CHUNK]) for i in range(0, flat.numel(), PLANES_CHUNK)]
+        return torch.cat(blocks, dim=1).reshape(4, *x.shape)
+    return _planes(flat).reshape(4, *x.shape)
+
+
+def _planes(x: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(4, dtype=torch.int64, device=x.device).reshape(4, 1)
     y = (x.unsqueeze(0) >> shifts) & 0x1111111111111111  # bit 4g + i -> bit 4g
     y = (y | (y >> 3)) & 0x0303030303030303  # gather pairs of groups into each byte
     y = (y | (y >> 6)) & 0x000F000F000F000F  # four groups per 16-bit chunk
