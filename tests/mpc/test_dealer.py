@@ -7,6 +7,7 @@ party 0, only for registered recipes, and only with sane public parameters.
 from __future__ import annotations
 
 import json
+import struct
 from typing import Any
 
 import pytest
@@ -101,3 +102,39 @@ def test_dealer_traffic_is_counted_apart_from_the_peer() -> None:
     for op, c in [("mul", 1024), ("matmul", 128)]:
         dealer = sum(costs[p][op]["bytes_with_dealer"] for p in PARTIES)
         assert 8 * c <= dealer <= 8 * c + MAX_REQUEST_BYTES + 8 * MAX_REPLY_OVERHEAD, (op, dealer)
+
+
+def _loop_with_changing_requests(session: veil.Session) -> list[torch.Tensor | None]:
+    """Repeated, alternating and changing requests: the dealer's guesses of the next request are
+    right, wrong, and right again; every result must still be exact."""
+    x = session.share(randn(3, 64) if session.party == "alice" else None, owner="alice")
+    y = session.share(randn(4, 64) if session.party == "bob" else None, owner="bob")
+    out = []
+    for step in range(6):
+        z = (x * y).relu() if step % 2 else (x - y).relu() * x
+        if step == 3:
+            z = z + (x[:32] < y[:32]).sum()  # a request the dealer has never seen
+        out.append(z.reveal(to="alice"))
+    return out
+
+
+def test_the_dealers_guesses_never_change_results() -> None:
+    got = veil.launch(_loop_with_changing_requests, transport="local")["alice"]
+    x, y = randn(3, 64).double(), randn(4, 64).double()
+    for step, z in enumerate(got):
+        want = (x * y).relu() if step % 2 else (x - y).relu() * x
+        if step == 3:
+            want = want + (x[:32] < y[:32]).sum()
+        assert float((z.double() - want).abs().max()) < 1e-3, f"step {step}"
+
+
+def test_the_dealer_sends_nothing_before_it_is_asked() -> None:
+    hub = RecordingHub([*PARTIES, "dealer"])
+    served = run_parties(_loop_with_changing_requests, hub=hub)
+    requests = [json.loads(f.payload) for f in hub.between("alice", "dealer")]
+    assert served is not None and requests[-1]["recipe"] is None  # the last one says goodbye
+    asked = len(requests) - 1
+    numbers = [struct.unpack_from("<Q", f.payload)[0]
+               for who in PARTIES for f in hub.between("dealer", who)[1:]]  # after the master key
+    # Guesses prepared for a request that never came are never sent.
+    assert numbers and max(numbers) == asked - 1

@@ -25,6 +25,12 @@ def new_key() -> bytes:
     return secrets.token_bytes(KEY_BYTES)
 
 
+def derive_key(master: bytes, index: int) -> bytes:
+    """The key of stream number ``index`` under ``master``: AES(master, index), a PRF."""
+    enc = Cipher(algorithms.AES(master), modes.ECB()).encryptor()  # noqa: S305 - one block, a PRF call
+    return enc.update(index.to_bytes(16, "little")) + enc.finalize()
+
+
 class PRG:
     """A stream of uniformly random 64-bit words (as ``torch.int64``) from an AES-CTR keystream."""
 

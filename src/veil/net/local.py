@@ -88,6 +88,10 @@ class LocalTransport(Transport):
         self.stats.record_recv(frm, len(frame))
         return bytearray(frame[HEADER.size:])
 
+    def poll(self, frm: str) -> bool:
+        self._check_peer(frm)
+        return not self.hub.queues[(frm, self.party)].empty()
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

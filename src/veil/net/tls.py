@@ -298,6 +298,10 @@ class TLSTransport(Transport):
         self.stats.record_recv(frm, HEADER.size + len(item))
         return item
 
+    def poll(self, frm: str) -> bool:
+        self._check_peer(frm)
+        return not self._in[frm].queue.empty()
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -118,6 +118,10 @@ class Transport(ABC):
         ``timeout``; ``math.inf`` waits until the message comes or the connection closes)."""
 
     @abstractmethod
+    def poll(self, frm: str) -> bool:
+        """Whether a message (or the news of a closed connection) from ``frm`` is waiting."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release connections; further sends and receives fail."""
 
