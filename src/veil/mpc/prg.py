@@ -18,6 +18,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 KEY_BYTES = 16
+_ZEROS = b""
 
 
 def new_key() -> bytes:
@@ -40,12 +41,14 @@ class PRG:
             raise ValueError(f"PRG key must be {KEY_BYTES} bytes, got {len(key)}")
         self._enc = Cipher(algorithms.AES(key), modes.CTR(b"\x00" * 16)).encryptor()
         self.words_drawn = 0
-        self._zero_buf = b""
 
-    def _zeros(self, n: int) -> memoryview:
-        if len(self._zero_buf) < n:
-            self._zero_buf = bytes(max(n, 2 * len(self._zero_buf)))
-        return memoryview(self._zero_buf)[:n]
+    @staticmethod
+    def _zeros(n: int) -> memoryview:
+        """Plaintext for the keystream: zeros, shared by every generator (nothing secret)."""
+        global _ZEROS
+        if len(_ZEROS) < n:
+            _ZEROS = bytes(max(n, 2 * len(_ZEROS)))
+        return memoryview(_ZEROS)[:n]
 
     def int64(self, shape: tuple[int, ...] | torch.Size | int) -> torch.Tensor:
         """Uniform ring elements of the given shape."""
