@@ -93,6 +93,17 @@ def _handshake(tls: ssl.SSLSocket) -> None:
     tls.do_handshake()
 
 
+def _wrap(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool, deadline: float) -> ssl.SSLSocket:
+    """A TLS socket over ``sock`` (no handshake yet), with set-up bounded by ``deadline``."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+    try:
+        return ctx.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+
+
 def _dial(me: str, peer: str, addr: tuple[str, int], ctx: ssl.SSLContext, session_id: bytes,
           deadline: float, connect_timeout: float, timeout: float) -> Outgoing:
     """Connect to ``peer``, check its certificate names it, send our hello."""
@@ -108,13 +119,7 @@ def _dial(me: str, peer: str, addr: tuple[str, int], ctx: ssl.SSLContext, sessio
         except OSError as e:
             last = e
             time.sleep(min(0.1, remaining))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(max(deadline - time.monotonic(), 0.001))
-    try:
-        tls = ctx.wrap_socket(sock, server_side=False, do_handshake_on_connect=False)
-    except BaseException:
-        sock.close()
-        raise
+    tls = _wrap(sock, ctx, False, deadline)
     try:
         _handshake(tls)
         names = identity(tls)
@@ -141,14 +146,8 @@ def _accept_one(me: str, listener: socket.socket, ctx: ssl.SSLContext, session_i
     except TimeoutError:
         raise PartyError(f"{me}: {waiting} did not connect within {connect_timeout:g} s (not started, "
                          f"or a wrong address or port?)") from None
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(max(deadline - time.monotonic(), 0.001))
     who = f"the party connecting from {addr[0]}:{addr[1]}"
-    try:
-        tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-    except BaseException:
-        sock.close()
-        raise
+    tls = _wrap(sock, ctx, True, deadline)
     try:
         _handshake(tls)
         names = identity(tls)
