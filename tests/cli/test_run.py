@@ -67,3 +67,11 @@ def test_one_party_per_process_from_a_peers_file(tmp_path: Path) -> None:
     assert "alice: [8.0, -3.0]" in outs["alice"][0]
     assert "bob: None" in outs["bob"][0]
     assert "dealer:" in outs["dealer"][0]
+
+
+def test_a_failing_program_exits_1_with_the_party_and_the_cause(tmp_path: Path, capsys) -> None:
+    script = tmp_path / "bad.py"
+    script.write_text("def main(session):\n    raise ValueError('boom in the program')\n")
+    assert veil_main(["run", str(script)]) == 1
+    err = capsys.readouterr().err
+    assert "the program failed" in err and "boom in the program" in err and "'alice'" in err

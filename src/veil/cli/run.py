@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
             results = launch_script(args.script, timeout=args.timeout, certs_dir=args.certs, options=options)
             for party, result in results.items():
                 print(f"{party}: {result!r}")
-    except PartyError as e:
-        print(f"veil run: error: {e}")
+    except RuntimeError as e:  # PartyError (a party died, stalled or was refused) or the program's error
+        kind = "a party failed" if isinstance(e, PartyError) else "the program failed"
+        print(f"veil run: {kind}:\n{e}", file=sys.stderr)
         return 1
     return 0
