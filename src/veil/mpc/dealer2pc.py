@@ -92,7 +92,7 @@ class DealerProtocol2PC(Protocol):
     def open(self, shares: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Reveal arithmetic shares to both compute parties (one round)."""
         theirs = self.exchange(shares)
-        return [a + b for a, b in zip(shares, theirs)]
+        return [b.add_(a) for a, b in zip(shares, theirs)]  # the peer's tensors are ours to reuse
 
     def open_xor(self, shares: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Reveal XOR shares to both compute parties (one round), in their own dtypes."""
@@ -156,9 +156,10 @@ class DealerProtocol2PC(Protocol):
                                  shape_z=shape_z, kwargs=kwargs)
         a, b = mat["a"].to(x.device), mat["b"].to(x.device)
         e, f = self.open([x - a, y - b])
-        z = mat["c"].to(x.device) + fn(e, b, **kwargs) + fn(a, f, **kwargs)
-        if self.index == 0:
-            z = z + fn(e, f, **kwargs)
+        # z = c + op(e, b) + op(a, f) (+ op(e, f) at party 0), with op(e, b) + op(e, f) = op(e, b + f)
+        z = mat["c"].to(x.device)
+        z += fn(e, b + f if self.index == 0 else b, **kwargs)
+        z += fn(a, f, **kwargs)
         return z
 
     def square(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,9 +167,9 @@ class DealerProtocol2PC(Protocol):
         mat = self.s.dealer.take("square", n=flat.numel())
         a = mat["a"].to(x.device)
         (e,) = self.open([flat - a])
-        z = mat["a2"].to(x.device) + 2 * e * a
-        if self.index == 0:
-            z = z + e * e
+        # x^2 = (e + a)^2 = a^2 + e (2a + e): party 0 adds the public e^2
+        z = mat["a2"].to(x.device)
+        z += e * (2 * a + e if self.index == 0 else 2 * a)
         return z.reshape(x.shape)
 
     def truncate(self, x: torch.Tensor, bits: int) -> torch.Tensor:
