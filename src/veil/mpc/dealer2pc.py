@@ -94,6 +94,33 @@ class DealerProtocol2PC(Protocol):
         theirs = self.exchange(shares)
         return [b.add_(a) for a, b in zip(shares, theirs)]  # the peer's tensors are ours to reuse
 
+    def open_masked(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Open ``x + sign * m`` for each ``(x, m, sign)`` (one round), computed straight into the
+        send buffer: Beaver's ``x - a`` and the comparisons' ``x + r`` without a temporary."""
+        flats = [(x.reshape(-1), m.reshape(-1), sign) for x, m, sign in pairs]
+        dev = pairs[0][0].device if pairs else torch.device("cpu")
+        buf = torch.empty(sum(x.numel() for x, _, _ in flats), dtype=torch.int64, device=dev)
+        off = 0
+        for x, m, sign in flats:
+            out = buf[off:off + x.numel()]
+            torch.add(x, m, alpha=sign, out=out)
+            off += x.numel()
+        t = self.s.transport
+        t.send(self.peer, memoryview(buf.cpu().view(torch.uint8).numpy()))  # type: ignore[arg-type]
+        raw = t.recv(self.peer)
+        self.s.stats.rounds += 1
+        if len(raw) != buf.numel() * 8:
+            raise PartyError(f"{self.s.party}: expected {buf.numel() * 8} bytes from {self.peer!r}, got {len(raw)} "
+                             f"(parties out of step)")
+        theirs = torch.frombuffer(raw, dtype=torch.int64) if buf.numel() else torch.zeros(0, dtype=torch.int64)
+        theirs = theirs.to(dev)
+        theirs += buf
+        out_list, off = [], 0
+        for (x, _, _), (orig, _, _) in zip(flats, pairs):
+            out_list.append(theirs[off:off + x.numel()].reshape(orig.shape))
+            off += x.numel()
+        return out_list
+
     def open_xor(self, shares: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Reveal XOR shares to both compute parties (one round), in their own dtypes."""
         theirs = self.exchange(shares)
@@ -155,7 +182,7 @@ class DealerProtocol2PC(Protocol):
         mat = self.s.dealer.take("triple", op=op, shape_x=list(x.shape), shape_y=list(y.shape),
                                  shape_z=shape_z, kwargs=kwargs)
         a, b = mat["a"].to(x.device), mat["b"].to(x.device)
-        e, f = self.open([x - a, y - b])
+        e, f = self.open_masked([(x, a, -1), (y, b, -1)])
         # z = c + op(e, b) + op(a, f) (+ op(e, f) at party 0), with op(e, b) + op(e, f) = op(e, b + f)
         z = mat["c"].to(x.device)
         z += fn(e, b + f if self.index == 0 else b, **kwargs)
@@ -166,7 +193,7 @@ class DealerProtocol2PC(Protocol):
         flat = x.reshape(-1)
         mat = self.s.dealer.take("square", n=flat.numel())
         a = mat["a"].to(x.device)
-        (e,) = self.open([flat - a])
+        (e,) = self.open_masked([(flat, a, -1)])
         # x^2 = (e + a)^2 = a^2 + e (2a + e): party 0 adds the public e^2
         z = mat["a2"].to(x.device)
         z += e * (2 * a + e if self.index == 0 else 2 * a)
@@ -240,7 +267,7 @@ class DealerProtocol2PC(Protocol):
             if y.numel() != flat.numel():
                 raise ValueError(f"msb: multiplicand has {y.numel()} elements, the secret {flat.numel()}")
         mat = self._take("msb", flat, yflat)
-        opened = self.open([flat + mat["r"]] + [y - a for y, (a, _) in zip(yflat, mat["masks"])])
+        opened = self.open_masked([(flat, mat["r"], 1)] + [(y, a, -1) for y, (a, _) in zip(yflat, mat["masks"])])
         c, es = opened[0], opened[1:]
         lt, eq = self._tree(c & circuits.MASK63, mat["tree"], with_lt=True)
         index = ((lt >> 8) & 1) | (((eq >> 8) & 1) << 1) | ((lt & 1) << 2)
@@ -256,7 +283,7 @@ class DealerProtocol2PC(Protocol):
         shape = x.shape
         flat, yflat = x.reshape(-1), [y.reshape(-1) for y in ys]
         mat = self._take("eqz", flat, yflat)
-        opened = self.open([flat + mat["r"]] + [y - a for y, (a, _) in zip(yflat, mat["masks"])])
+        opened = self.open_masked([(flat, mat["r"], 1)] + [(y, a, -1) for y, (a, _) in zip(yflat, mat["masks"])])
         c, es = opened[0], opened[1:]
         _, eq = self._tree(c, mat["tree"], with_lt=False)
         index = ((eq >> 8) & 1) | ((eq & 1) << 1)
