@@ -138,3 +138,9 @@ def test_the_dealer_sends_nothing_before_it_is_asked() -> None:
                for who in PARTIES for f in hub.between("dealer", who)[1:]]  # after the master key
     # Guesses prepared for a request that never came are never sent.
     assert numbers and max(numbers) == asked - 1
+
+
+@pytest.mark.parametrize("shape", [[1 << 20, 1 << 20], [-1, 3], "3x3", [2.5]])
+def test_the_dealer_refuses_absurd_triple_shapes(shape: Any) -> None:
+    with pytest.raises(PartyError, match="refused 'triple' request"):
+        _serve_requests(_request("triple", op="mul", shape_x=shape, shape_y=[1], shape_z=[1]))

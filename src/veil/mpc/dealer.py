@@ -260,10 +260,19 @@ class DealerClient:
 def _check_params(name: str, params: dict[str, Any]) -> None:
     if name not in RECIPES:
         raise PartyError(f"dealer: refused request for unknown recipe {name!r}; known: {sorted(RECIPES)}")
-    for key in ("n", "rows", "cols"):
+    for key in ("n", "rows", "cols", "ys"):
         v = params.get(key)
         if v is not None and (not isinstance(v, int) or not 0 <= v <= MAX_REQUEST_ELEMENTS):
             raise PartyError(f"dealer: refused {name!r} request with {key}={v!r}")
+    for key in ("shape_x", "shape_y", "shape_z"):
+        shape = params.get(key)
+        if shape is None:
+            continue
+        if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d for d in shape):
+            raise PartyError(f"dealer: refused {name!r} request with {key}={shape!r}")
+        if math.prod(shape) > MAX_REQUEST_ELEMENTS:
+            raise PartyError(f"dealer: refused {name!r} request: {key} has {math.prod(shape)} elements "
+                             f"(limit {MAX_REQUEST_ELEMENTS})")
 
 
 Reply = tuple[int, int, list[torch.Tensor]]  # party, part, corrections
