@@ -135,6 +135,7 @@ def run_party(path: Path, *, party: str, peers_file: Path, timeout: float = DEFA
     if DEALER not in names or len(compute) != 2:
         raise ValueError(f"{peers_file} must list two compute parties and {DEALER!r}, got {names}")
     program = (lambda s: None) if party == DEALER else load_program(path)
+    _tune_allocator()  # this process is the party
     transport = TLSTransport.connect(party, cfg.addresses, cfg.certs_dir, cfg.session_id, timeout=timeout)
     try:
         return _party_main(program, (), compute, DEALER, options, None, transport)
