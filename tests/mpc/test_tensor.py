@@ -374,3 +374,18 @@ def test_interactive_operations_on_views_scalars_and_empty_tensors() -> None:
             "empty_matmul": torch.zeros(0, 2), "empty_sum": torch.tensor(0.0)}
     for name, w in want.items():
         assert_close(got[name], w.double(), TRUNC_ATOL, name)
+
+
+def test_pow_takes_one_round_per_bit_of_the_exponent() -> None:
+    def prog(session: veil.Session) -> dict[int, int]:
+        a = session.share(torch.full((4,), 1.1) if session.party == "alice" else None, owner="alice")
+        rounds = {}
+        for k in (2, 5, 13):
+            with session.measure() as m:
+                a**k
+            rounds[k] = m["rounds"]
+        return rounds
+
+    for rounds in run_local(prog).values():
+        # one round per bit after the lowest set one, plus the final product: never more than floor(log2 k) + 1
+        assert rounds == {2: 1, 5: 3, 13: 4}, rounds

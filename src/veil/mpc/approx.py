@@ -190,19 +190,27 @@ def log(x: SecretTensor, iterations: int = 3, order: int = 4) -> SecretTensor:
 
 
 def power(x: SecretTensor, k: int) -> SecretTensor:
-    """``x ** k`` by repeated squaring (about 2 log2 k rounds)."""
+    """``x ** k`` by repeated squaring; each step's product and square share one round
+    (``floor(log2 k) + 1`` rounds at most)."""
     if k == 0:
         return x * 0 + 1
-    result: SecretTensor | None = None
-    base = x
+    f = x.frac_bits
+    result: torch.Tensor | None = None
+    base = x.share
     while k:
+        pairs = []
+        if k & 1 and result is not None:
+            pairs.append((result, base))
+        if k > 1:
+            pairs.append((base, base))
+        new = _mul_batch(x.protocol, pairs, f) if pairs else []
         if k & 1:
-            result = base if result is None else result * base
+            result = base if result is None else new.pop(0)
+        if k > 1:
+            base = new.pop(0)
         k >>= 1
-        if k:
-            base = base.square()
     assert result is not None
-    return result
+    return x._new(result)
 
 
 def powers(x: SecretTensor, k: int) -> list[SecretTensor]:

@@ -68,18 +68,23 @@ class DealerProtocol2PC(Protocol):
         self.peer = session.peer
 
     # ---- communication -------------------------------------------------------------------
-    def exchange(self, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """One round: send ``parts`` (int64, int16 or uint8 tensors) to the peer, return the peer's
-        tensors of the same shapes and dtypes. One copy into one buffer, one message."""
+    def _swap(self, buf: torch.Tensor) -> bytearray:
+        """One round: send the flat tensor ``buf`` to the peer, receive the peer's message of the
+        same size."""
         t = self.s.transport
-        flat = torch.cat([p.detach().reshape(-1).cpu().view(torch.uint8) for p in parts])
-        t.send(self.peer, memoryview(flat.numpy()))  # type: ignore[arg-type]
+        t.send(self.peer, memoryview(buf.cpu().view(torch.uint8).numpy()))  # type: ignore[arg-type]
         raw = t.recv(self.peer)
         self.s.stats.rounds += 1
-        expected = sum(p.numel() * p.element_size() for p in parts)
+        expected = buf.numel() * buf.element_size()
         if len(raw) != expected:
             raise PartyError(f"{self.s.party}: expected {expected} bytes from {self.peer!r}, got {len(raw)} "
                              f"(parties out of step)")
+        return raw
+
+    def exchange(self, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One round: send ``parts`` (int64, int16 or uint8 tensors) to the peer, return the peer's
+        tensors of the same shapes and dtypes. One copy into one buffer, one message."""
+        raw = self._swap(torch.cat([p.detach().reshape(-1).cpu().view(torch.uint8) for p in parts]))
         out, off = [], 0
         for p in parts:
             n = p.numel()
@@ -105,13 +110,7 @@ class DealerProtocol2PC(Protocol):
             out = buf[off:off + x.numel()]
             torch.add(x, m, alpha=sign, out=out)
             off += x.numel()
-        t = self.s.transport
-        t.send(self.peer, memoryview(buf.cpu().view(torch.uint8).numpy()))  # type: ignore[arg-type]
-        raw = t.recv(self.peer)
-        self.s.stats.rounds += 1
-        if len(raw) != buf.numel() * 8:
-            raise PartyError(f"{self.s.party}: expected {buf.numel() * 8} bytes from {self.peer!r}, got {len(raw)} "
-                             f"(parties out of step)")
+        raw = self._swap(buf)
         theirs = torch.frombuffer(raw, dtype=torch.int64) if buf.numel() else torch.zeros(0, dtype=torch.int64)
         theirs = theirs.to(dev)
         theirs += buf

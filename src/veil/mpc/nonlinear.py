@@ -91,8 +91,11 @@ def where(cond: Any, a: Any, b: Any) -> SecretTensor:
     ref = a if isinstance(a, SecretTensor) else b
     if not isinstance(ref, SecretTensor):
         raise TypeError("where() needs at least one SecretTensor among cond, a, b")
-    sa = a.share if isinstance(a, SecretTensor) else (ref * 0 + a).share
-    sb = b.share if isinstance(b, SecretTensor) else (ref * 0 + b).share
+    def share_of(v: Any) -> torch.Tensor:  # a public value as a share: party 0 holds it
+        return v.share if isinstance(v, SecretTensor) else ref.protocol.add_public(
+            torch.zeros((), dtype=torch.int64, device=ref.device), ref._encode(v))
+
+    sa, sb = share_of(a), share_of(b)
     sa, sb = torch.broadcast_tensors(sa, sb)
     return ref._new(torch.where(c.to(sa.device), sa, sb))
 

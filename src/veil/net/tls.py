@@ -33,7 +33,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from veil.net.certs import Credentials, load_credentials, validate_party_names
@@ -93,6 +93,18 @@ def _handshake(tls: ssl.SSLSocket) -> None:
     tls.do_handshake()
 
 
+@contextlib.contextmanager
+def _setup_guard(me: str, tls: ssl.SSLSocket, who: list[str]) -> Iterator[None]:
+    """Close ``tls`` on any failure during set-up and report it as a PartyError naming ``who[0]``."""
+    try:
+        yield
+    except BaseException as e:
+        tls.close()
+        if isinstance(e, Exception):
+            raise _setup_error(me, who[0], e) from e
+        raise
+
+
 def _wrap(sock: socket.socket, ctx: ssl.SSLContext, server_side: bool, deadline: float) -> ssl.SSLSocket:
     """A TLS socket over ``sock`` (no handshake yet), with set-up bounded by ``deadline``."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -120,7 +132,7 @@ def _dial(me: str, peer: str, addr: tuple[str, int], ctx: ssl.SSLContext, sessio
             last = e
             time.sleep(min(0.1, remaining))
     tls = _wrap(sock, ctx, False, deadline)
-    try:
+    with _setup_guard(me, tls, [who]):
         _handshake(tls)
         names = identity(tls)
         if names != {peer}:
@@ -129,11 +141,6 @@ def _dial(me: str, peer: str, addr: tuple[str, int], ctx: ssl.SSLContext, sessio
         hello, key = new_hello(me, session_id)
         tls.sendall(hello)
         plain = end_tls(tls)
-    except BaseException as e:
-        tls.close()
-        if isinstance(e, Exception):
-            raise _setup_error(me, who, e) from e
-        raise
     return Outgoing(me, peer, plain, key, timeout)
 
 
@@ -146,26 +153,21 @@ def _accept_one(me: str, listener: socket.socket, ctx: ssl.SSLContext, session_i
     except TimeoutError:
         raise PartyError(f"{me}: {waiting} did not connect within {connect_timeout:g} s (not started, "
                          f"or a wrong address or port?)") from None
-    who = f"the party connecting from {addr[0]}:{addr[1]}"
+    who = [f"the party connecting from {addr[0]}:{addr[1]}"]  # named once its certificate is read
     tls = _wrap(sock, ctx, True, deadline)
-    try:
+    with _setup_guard(me, tls, who):
         _handshake(tls)
         names = identity(tls)
         if len(names) != 1 or next(iter(names)) not in waiting:
-            raise PartyError(f"{me}: refused {who}: its certificate is for {sorted(names)}, "
+            raise PartyError(f"{me}: refused {who[0]}: its certificate is for {sorted(names)}, "
                              f"expected one of {waiting}")
         (cert_name,) = names
-        who = f"{cert_name!r} at {addr[0]}:{addr[1]}"
-        name, key = read_hello(me, who, tls, session_id)
+        who[0] = f"{cert_name!r} at {addr[0]}:{addr[1]}"
+        name, key = read_hello(me, who[0], tls, session_id)
         if name != cert_name:
-            raise PartyError(f"{me}: refused {who}: it says it is {name!r} but its certificate is "
+            raise PartyError(f"{me}: refused {who[0]}: it says it is {name!r} but its certificate is "
                              f"for {cert_name!r}")
         plain = end_tls(tls)
-    except BaseException as e:
-        tls.close()
-        if isinstance(e, Exception):
-            raise _setup_error(me, who, e) from e
-        raise
     return Incoming(me, cert_name, repr(cert_name), plain, key)
 
 
