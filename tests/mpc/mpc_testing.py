@@ -11,6 +11,7 @@ References are computed in float64 on the *quantized* inputs (what the owner act
 from __future__ import annotations
 
 import queue
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -201,5 +202,22 @@ def run_parties(program: Callable[..., Any], *args: Any, hub: LocalHub | None = 
 
 
 __all__ = ["FRAC_BITS", "PARTIES", "ULP", "Frame", "PartyError", "RecordingHub", "Run", "assert_close",
-           "generator", "max_abs_err", "quantize", "randn", "run_local", "run_parties", "secure_eval",
-           "uniform"]
+           "encodings", "generator", "leaks", "max_abs_err", "quantize", "randn", "run_local", "run_parties",
+           "secure_eval", "uniform"]
+
+
+# ---- secrets on the wire -------------------------------------------------------------------------
+def encodings(*tensors: torch.Tensor) -> set[bytes]:
+    fp = veil.FixedPoint()
+    return {struct.pack("<q", int(v)) for t in tensors for v in fp.encode(t).flatten().tolist()}
+
+
+def leaks(frames: list[Frame], secrets: set[bytes]) -> list[tuple[str, str, int]]:
+    """(sender, receiver, offset) of every 8-byte window of a frame that equals a secret encoding."""
+    found = []
+    for f in frames:
+        data = f.data
+        for off in range(len(data) - 7):
+            if data[off:off + 8] in secrets:
+                found.append((f.sender, f.receiver, off))
+    return found

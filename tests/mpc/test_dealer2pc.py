@@ -174,3 +174,26 @@ def test_both_parties_count_the_same_rounds(costs: dict[str, Any]) -> None:
     for name in costs["alice"]:
         assert costs["alice"][name]["rounds"] == costs["bob"][name]["rounds"], name
         assert costs["alice"][name]["bytes_with_peer"] == costs["bob"][name]["bytes_with_peer"], name
+
+
+# ---- comparisons on many elements run in chunks --------------------------------------------------
+def _chunked_comparisons(session: veil.Session, x: torch.Tensor) -> dict[str, Any]:
+    s = session.share(x if session.party == "alice" else None, owner="alice")
+    with session.measure() as m:
+        r = s.relu()
+    with session.measure() as e:
+        z = s == 0.0
+    return {"relu": r.reveal(to=["alice", "bob"]), "eq": z.reveal(to=["alice", "bob"]),
+            "relu_rounds": m["rounds"], "eq_rounds": e["rounds"]}
+
+
+def test_large_comparisons_run_in_equal_chunks_with_the_same_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    from veil.mpc import dealer2pc
+
+    monkeypatch.setattr(dealer2pc, "CHUNK_ELEMENTS", 1000)
+    x = randn(40, 2, 1250, scale=4.0)  # 2,500 elements: 3 chunks of 834/834/832
+    x[0, :7] = 0.0
+    out = run_local(_chunked_comparisons, x)["alice"]
+    assert torch.equal(out["relu"], x.relu())
+    assert torch.equal(out["eq"], (x == 0).double())
+    assert out["relu_rounds"] == out["eq_rounds"] == 3 * 5

@@ -11,13 +11,12 @@
 from __future__ import annotations
 
 import json
-import struct
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from mpc_testing import PARTIES, Frame, RecordingHub, randn, run_local, run_parties, uniform
+from mpc_testing import PARTIES, RecordingHub, encodings, leaks, randn, run_local, run_parties, uniform
 
 import veil
 from veil.net.transport import HEADER
@@ -92,22 +91,6 @@ def test_shares_sum_to_the_secret_and_change_every_run(two_runs: list[Any], secr
 
 
 # ---- (b) nothing secret on the wire ----------------------------------------------------------
-def _encodings(*tensors: torch.Tensor) -> set[bytes]:
-    fp = veil.FixedPoint()
-    return {struct.pack("<q", int(v)) for t in tensors for v in fp.encode(t).flatten().tolist()}
-
-
-def _leaks(frames: list[Frame], secrets: set[bytes]) -> list[tuple[str, str, int]]:
-    """(sender, receiver, offset) of every 8-byte window of a frame that equals a secret encoding."""
-    found = []
-    for f in frames:
-        data = f.data
-        for off in range(len(data) - 7):
-            if data[off:off + 8] in secrets:
-                found.append((f.sender, f.receiver, off))
-    return found
-
-
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     # magnitudes in [0.5, 8], random fractions: encodings have no all-small bytes in common with masks
     g = torch.Generator().manual_seed(7)
@@ -147,15 +130,15 @@ def test_no_frame_carries_a_secret_input() -> None:
     links = {(f.sender, f.receiver) for f in hub.frames}
     assert {("alice", "bob"), ("bob", "alice"), ("dealer", "alice"), ("dealer", "bob")} <= links
     assert sum(len(f.data) for f in hub.frames) > 10_000
-    assert _leaks(hub.frames, _encodings(x, y)) == []
+    assert leaks(hub.frames, encodings(x, y)) == []
 
 
 def test_the_leak_detector_finds_a_leak() -> None:
     x, y = _inputs()
     run = run_parties(_leaky, x, y)
     assert not run.errors, run.errors
-    leaks = _leaks(run.hub.frames, _encodings(x, y))  # type: ignore[attr-defined]
-    assert leaks and all(s == "alice" and r == "bob" for s, r, _ in leaks)
+    found = leaks(run.hub.frames, encodings(x, y))  # type: ignore[attr-defined]
+    assert found and all(s == "alice" and r == "bob" for s, r, _ in found)
 
 
 def test_the_dealer_gets_small_json_requests_from_party_0_and_nothing_from_party_1() -> None:

@@ -291,8 +291,10 @@ def serve(transport: Transport, compute_parties: tuple[str, str]) -> int:
 
     Speculation: while the parties compute, the dealer prepares (but does not send) the request it
     expects next: the one that followed the current request last time (programs repeat: loops,
-    batches), else the same again. Streams are keyed per request number, so a wrong guess costs only
-    the dealer's time, and it never guesses while a request is already waiting.
+    batches, chunks). It does not guess a request it has never seen followed: a program's first pass
+    would pay for wrong guesses (the dealer busy on a useless one while the real request waits).
+    Streams are keyed per request number, so a wrong guess costs only the dealer's time, and it never
+    guesses while a request is already waiting.
     """
     import veil.mpc.material  # noqa: F401 - fills RECIPES
 
@@ -334,8 +336,8 @@ def serve(transport: Transport, compute_parties: tuple[str, str]) -> int:
             followers[previous] = key
         previous, ready = key, None
         served += 1
-        guess = followers.get(key, key)
-        if not transport.poll(p0):
+        guess = followers.get(key)
+        if guess is not None and not transport.poll(p0):
             held: list[Reply] = []
 
             def hold(party: int, part: int, parts: list[torch.Tensor], held: list[Reply] = held) -> None:

@@ -48,6 +48,7 @@ from veil.net.transport import PartyError
 if TYPE_CHECKING:
     from veil.mpc.session import Session
 
+CHUNK_ELEMENTS = 1 << 20  # comparisons on more elements run in chunks (bounded memory)
 _NP = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.int64}
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
            "float64": torch.float64}
@@ -260,11 +261,31 @@ class DealerProtocol2PC(Protocol):
         return _OnDevice(self.s.dealer.take(name, n=x.numel(), ys=len(ys)), x.device)
 
     def msb(self, x: torch.Tensor, ys: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self._chunked(self._msb, x, ys)
+
+    def eqz(self, x: torch.Tensor, ys: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self._chunked(self._eqz, x, ys)
+
+    def _chunked(self, fn: Any, x: torch.Tensor, ys: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run a comparison on the flattened secret, in equal chunks of at most ``CHUNK_ELEMENTS``
+        (each chunk its own 5 rounds): memory stays bounded for the millions of comparisons of a large
+        batch, and inputs up to a chunk's size cost no extra round."""
         shape = x.shape
         flat, yflat = x.reshape(-1), [y.reshape(-1) for y in ys]
         for y in yflat:
             if y.numel() != flat.numel():
-                raise ValueError(f"msb: multiplicand has {y.numel()} elements, the secret {flat.numel()}")
+                raise ValueError(f"comparison: multiplicand has {y.numel()} elements, the secret {flat.numel()}")
+        n = flat.numel()
+        if n <= CHUNK_ELEMENTS:
+            bit, out = fn(flat, yflat)
+        else:
+            size = -(-n // -(-n // CHUNK_ELEMENTS))  # equal chunks: the dealer's guesses stay right
+            parts = [fn(flat[i:i + size], [y[i:i + size] for y in yflat]) for i in range(0, n, size)]
+            bit = torch.cat([b for b, _ in parts])
+            out = [torch.cat([o[k] for _, o in parts]) for k in range(len(yflat))]
+        return bit.reshape(shape), [o.reshape(shape) for o in out]
+
+    def _msb(self, flat: torch.Tensor, yflat: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         mat = self._take("msb", flat, yflat)
         opened = self.open_masked([(flat, mat["r"], 1)] + [(y, a, -1) for y, (a, _) in zip(yflat, mat["masks"])])
         c, es = opened[0], opened[1:]
@@ -275,19 +296,16 @@ class DealerProtocol2PC(Protocol):
         p = ((c >> 63) & 1) ^ q_hat
         sigma = 1 - 2 * p
         bit = sigma * h + (p if self.index == 0 else 0)
-        out = [(p * y + sigma * yh).reshape(shape) for y, yh in zip(yflat, prods)]
-        return bit.reshape(shape), out
+        return bit, [p * y + sigma * yh for y, yh in zip(yflat, prods)]
 
-    def eqz(self, x: torch.Tensor, ys: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        shape = x.shape
-        flat, yflat = x.reshape(-1), [y.reshape(-1) for y in ys]
+    def _eqz(self, flat: torch.Tensor, yflat: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         mat = self._take("eqz", flat, yflat)
         opened = self.open_masked([(flat, mat["r"], 1)] + [(y, a, -1) for y, (a, _) in zip(yflat, mat["masks"])])
         c, es = opened[0], opened[1:]
         _, eq = self._tree(c, mat["tree"], with_lt=False)
         index = ((eq >> 8) & 1) | ((eq & 1) << 1)
         _, h, prods = self._finish(index, mat, es, low_bit=False)
-        return h.reshape(shape), [p.reshape(shape) for p in prods]
+        return h, prods
 
 
 class _OnDevice:

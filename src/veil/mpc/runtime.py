@@ -5,7 +5,7 @@ own data); the dealer runs :func:`veil.mpc.dealer.serve` and never sees the prog
 
 - :func:`launch` runs all parties of a session on this machine: as OS processes over TCP with
   mutual TLS (default), or as threads over the in-process transport (``transport="local"``, tests).
-- :func:`run_party` runs one party of a multi-host session from a peers file.
+- :func:`run_party` / :func:`run_program` run one party of a multi-host session from a peers file.
 - :func:`load_program` loads ``main`` from a script path (``veil run script.py``).
 """
 
@@ -124,6 +124,14 @@ def launch_script(path: Path, *, timeout: float = DEFAULT_TIMEOUT_S, certs_dir: 
 def run_party(path: Path, *, party: str, peers_file: Path, timeout: float = DEFAULT_TIMEOUT_S,
               options: SessionOptions | None = None) -> Any:
     """One party of a multi-host session: ``veil run script.py --party NAME --peers FILE``."""
+    program = (lambda s: None) if party == DEALER else load_program(path)
+    return run_program(program, party=party, peers_file=peers_file, timeout=timeout, options=options)
+
+
+def run_program(program: Callable[..., Any], *args: Any, party: str, peers_file: Path,
+                timeout: float = DEFAULT_TIMEOUT_S, options: SessionOptions | None = None) -> Any:
+    """Run ``program(session, *args)`` as party ``party`` of a multi-host session (the dealer
+    serves instead); the peers file names every party's address, the certificates and the session."""
     from veil.net.peers import load_peers
     from veil.net.tls import TLSTransport
 
@@ -134,10 +142,9 @@ def run_party(path: Path, *, party: str, peers_file: Path, timeout: float = DEFA
     compute = [n for n in names if n != DEALER]
     if DEALER not in names or len(compute) != 2:
         raise ValueError(f"{peers_file} must list two compute parties and {DEALER!r}, got {names}")
-    program = (lambda s: None) if party == DEALER else load_program(path)
     _tune_allocator()  # this process is the party
     transport = TLSTransport.connect(party, cfg.addresses, cfg.certs_dir, cfg.session_id, timeout=timeout)
     try:
-        return _party_main(program, (), compute, DEALER, options, None, transport)
+        return _party_main(program, args, compute, DEALER, options, None, transport)
     finally:
         transport.close()

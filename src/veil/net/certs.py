@@ -17,10 +17,8 @@ Security properties:
 from __future__ import annotations
 
 import datetime
-import os
 import re
 import stat
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from veil.files import write_atomic
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CA_CERT = "ca.pem"
@@ -53,21 +53,6 @@ def validate_party_names(parties: Sequence[str]) -> tuple[str, ...]:
     if "ca" in names:
         raise ValueError("'ca' is reserved for the certificate authority's files; rename that party")
     return names
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

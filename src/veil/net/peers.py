@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from veil.net.certs import validate_party_names, write_atomic
+from veil.files import write_atomic
+from veil.net.certs import validate_party_names
 from veil.net.transport import SESSION_ID_BYTES
 
 

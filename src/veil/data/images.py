@@ -1,0 +1,87 @@
+"""Image datasets by name or by file, for the command line (``veil infer --data ...``).
+
+``source`` is one of:
+
+* ``mnist``: MNIST (``veil.data.load_mnist``; ``mnist_path`` or ``$VEIL_MNIST`` pick the files),
+  normalised as in the usual MNIST pipelines;
+* ``digits``: scikit-learn's bundled 8x8 digits as ``(N, 1, 8, 8)`` images (all 1,797; no split);
+* a ``.npz`` file with arrays ``images`` (or ``x``) and optionally ``labels`` (or ``y``);
+* a ``.npy`` file of images (no labels);
+* a ``.pt`` file holding a tensor of images or a dict with ``images`` and optionally ``labels``
+  (read with ``weights_only=True``: no code runs).
+
+Images are returned as float32 ``(N, ...)`` tensors, labels as int64 ``(N,)`` or None.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NAMED = ("mnist", "digits")
+
+
+class DatasetError(ValueError):
+    """A dataset file that is missing, unreadable or not shaped like images (and labels)."""
+
+
+def load_images(source: str | Path, *, split: str = "test", limit: int | None = None,
+                mnist_path: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images and labels (None if the source has none) of ``source``; the first ``limit`` only."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be positive, got {limit}")
+    name = str(source)
+    if name == "mnist":
+        from veil.data.mnist import load_mnist
+
+        x, labels = load_mnist(split, path=mnist_path)  # type: ignore[arg-type]
+        y: torch.Tensor | None = labels
+    elif name == "digits":
+        from veil.data.digits import load_digits
+
+        x, y = load_digits()  # one set of 1,797 images: no split
+    else:
+        x, y = _from_file(Path(name))
+    if limit is not None:
+        x, y = x[:limit], (y[:limit] if y is not None else None)
+    return x, y
+
+
+def _from_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file (use 'mnist', 'digits', or a .npz/.npy/.pt file)")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                xk = next((k for k in ("images", "x") if k in z.files), None)
+                yk = next((k for k in ("labels", "y") if k in z.files), None)
+                if xk is None:
+                    raise DatasetError(f"{path}: no 'images' (or 'x') array; it has {z.files}")
+                x, y = torch.from_numpy(np.asarray(z[xk])), (torch.from_numpy(np.asarray(z[yk])) if yk else None)
+        elif suffix == ".npy":
+            x, y = torch.from_numpy(np.load(path, allow_pickle=False)), None
+        elif suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, torch.Tensor):
+                x, y = obj, None
+            elif isinstance(obj, dict) and isinstance(obj.get("images"), torch.Tensor):
+                x, y = obj["images"], obj.get("labels")
+            else:
+                raise DatasetError(f"{path}: expected a tensor or a dict with 'images' (and 'labels')")
+        else:
+            raise DatasetError(f"{path}: unknown dataset format {suffix!r} (use .npz, .npy or .pt)")
+    except DatasetError:
+        raise
+    except (OSError, ValueError, RuntimeError, EOFError) as e:
+        raise DatasetError(f"{path}: cannot read the dataset: {e}") from None
+    if x.dim() < 2 or len(x) == 0:
+        raise DatasetError(f"{path}: images need shape (N, ...) with N >= 1, got {tuple(x.shape)}")
+    if y is not None:
+        if not isinstance(y, torch.Tensor) or y.shape != (len(x),):
+            raise DatasetError(f"{path}: labels must have shape ({len(x)},), got "
+                               f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+        y = y.long()
+    return x.float(), y

@@ -1,0 +1,504 @@
+"""``from_torch``: a ``torch.nn.Module`` traced with ``torch.fx`` into Veil's graph.
+
+Supported: Linear, Conv2d (stride, padding, dilation, groups), ReLU, MaxPool2d, AvgPool2d,
+AdaptiveAvgPool2d, BatchNorm1d/2d (folded into the preceding Linear/Conv2d, else an affine map),
+Flatten/view/reshape, Dropout (identity at inference), Identity, residual add, cat, Sigmoid, Tanh,
+Softmax, LogSoftmax, and the functional and method forms of these (``F.relu``, ``x.view(...)``,
+``torch.flatten``, ``x + y``...). Conversion checks every node and lists *all* unsupported ones in
+one :class:`UnsupportedModelError`, each with its op, its target and what to do.
+
+Two rewrites save work on shares without changing results:
+
+* BatchNorm after Linear/Conv2d is folded into that layer's weight and bias (running statistics);
+* a monotone activation (ReLU, Sigmoid, Tanh) followed by a max-pool is computed after the pool:
+  ``maxpool(relu(x)) == relu(maxpool(x))``, on 4x fewer elements for a 2x2 pool.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from veil.nn.graph import Graph, Node, Ref, unique_name
+
+if TYPE_CHECKING:
+    from veil.nn.model import SecureModel
+
+MONOTONE = ("relu", "sigmoid", "tanh")
+
+
+class UnsupportedModelError(ValueError):
+    """The model has layers or operations Veil cannot run on shares (all of them are listed)."""
+
+
+@dataclass
+class _Builder:
+    """Collects nodes and parameter values during conversion."""
+
+    nodes: list[Node] = field(default_factory=list)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def name(self, base: str) -> str:
+        return unique_name(base.replace(".", "_"), (n.name for n in self.nodes))
+
+    def emit(self, base: str, op: str, *args: Any, **attrs: Any) -> Ref:
+        name = self.name(base)
+        self.nodes.append(Node(name, op, tuple(args), dict(attrs)))
+        return Ref(name)
+
+    def param(self, base: str, value: torch.Tensor) -> Ref:
+        name = self.name(base)
+        value = value.detach().to("cpu", torch.float32).clone()
+        self.nodes.append(Node(name, "param", (), {"shape": list(value.shape)}))
+        self.values[name] = value
+        return Ref(name)
+
+
+def _pair(v: Any) -> Any:
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+# ---- modules -------------------------------------------------------------------------------------
+ModuleConverter = Callable[[_Builder, str, Any, list[Any]], Any]
+MODULES: dict[type, ModuleConverter] = {}
+
+
+def converts_module(*types: type) -> Callable[[ModuleConverter], ModuleConverter]:
+    def deco(fn: ModuleConverter) -> ModuleConverter:
+        for t in types:
+            MODULES[t] = fn
+        return fn
+
+    return deco
+
+
+@converts_module(nn.Linear)
+def _linear(b: _Builder, name: str, m: nn.Linear, args: list[Any]) -> Ref:
+    w = b.param(f"{name}.weight", m.weight)
+    bias = b.param(f"{name}.bias", m.bias) if m.bias is not None else None
+    return b.emit(name, "linear", args[0], w, bias)
+
+
+@converts_module(nn.Conv2d)
+def _conv2d(b: _Builder, name: str, m: nn.Conv2d, args: list[Any]) -> Ref | None:
+    if m.padding_mode != "zeros":
+        b.problems.append(f"{name}: Conv2d with padding_mode={m.padding_mode!r}: only zero padding is "
+                          f"supported; pad explicitly or use padding_mode='zeros'")
+        return None
+    w = b.param(f"{name}.weight", m.weight)
+    bias = b.param(f"{name}.bias", m.bias) if m.bias is not None else None
+    padding = m.padding if isinstance(m.padding, str) else _pair(m.padding)
+    return b.emit(name, "conv2d", args[0], w, bias, stride=_pair(m.stride), padding=padding,
+                  dilation=_pair(m.dilation), groups=m.groups)
+
+
+@converts_module(nn.BatchNorm1d, nn.BatchNorm2d)
+def _batch_norm(b: _Builder, name: str, m: nn.modules.batchnorm._BatchNorm, args: list[Any]) -> Ref | None:
+    if m.running_mean is None or m.running_var is None:
+        b.problems.append(f"{name}: {type(m).__name__} without running statistics "
+                          f"(track_running_stats=False) has no inference form; train with running stats")
+        return None
+    scale = 1.0 / torch.sqrt(m.running_var.double() + m.eps)
+    if m.weight is not None:
+        scale = scale * m.weight.double()
+    shift = -m.running_mean.double() * scale
+    if m.bias is not None:
+        shift = shift + m.bias.double()
+    return b.emit(name, "batch_norm", args[0], b.param(f"{name}.scale", scale), b.param(f"{name}.shift", shift))
+
+
+@converts_module(nn.ReLU)
+def _relu(b: _Builder, name: str, m: nn.Module, args: list[Any]) -> Ref:
+    return b.emit(name, "relu", args[0])
+
+
+@converts_module(nn.Sigmoid)
+def _sigmoid(b: _Builder, name: str, m: nn.Module, args: list[Any]) -> Ref:
+    return b.emit(name, "sigmoid", args[0])
+
+
+@converts_module(nn.Tanh)
+def _tanh(b: _Builder, name: str, m: nn.Module, args: list[Any]) -> Ref:
+    return b.emit(name, "tanh", args[0])
+
+
+@converts_module(nn.Softmax, nn.LogSoftmax)
+def _softmax(b: _Builder, name: str, m: nn.Softmax | nn.LogSoftmax, args: list[Any]) -> Ref | None:
+    if m.dim is None:
+        b.problems.append(f"{name}: {type(m).__name__}(dim=None) is ambiguous; give dim explicitly")
+        return None
+    op = "softmax" if isinstance(m, nn.Softmax) else "log_softmax"
+    return b.emit(name, op, args[0], dim=m.dim)
+
+
+@converts_module(nn.MaxPool2d)
+def _max_pool(b: _Builder, name: str, m: nn.MaxPool2d, args: list[Any]) -> Ref | None:
+    if m.dilation not in (1, (1, 1)) or m.ceil_mode or m.return_indices:
+        b.problems.append(f"{name}: MaxPool2d with dilation, ceil_mode or return_indices is not supported; "
+                          f"use plain kernel_size/stride/padding")
+        return None
+    return b.emit(name, "max_pool2d", args[0], kernel_size=_pair(m.kernel_size), stride=_pair(m.stride),
+                  padding=_pair(m.padding))
+
+
+@converts_module(nn.AvgPool2d)
+def _avg_pool(b: _Builder, name: str, m: nn.AvgPool2d, args: list[Any]) -> Ref | None:
+    padded = m.padding not in (0, (0, 0))
+    if m.ceil_mode or m.divisor_override is not None or (padded and not m.count_include_pad):
+        b.problems.append(f"{name}: AvgPool2d with ceil_mode, divisor_override or count_include_pad=False "
+                          f"is not supported; use the defaults")
+        return None
+    return b.emit(name, "avg_pool2d", args[0], kernel_size=_pair(m.kernel_size), stride=_pair(m.stride),
+                  padding=_pair(m.padding))
+
+
+@converts_module(nn.AdaptiveAvgPool2d)
+def _adaptive(b: _Builder, name: str, m: nn.AdaptiveAvgPool2d, args: list[Any]) -> Ref | None:
+    size = m.output_size
+    if (isinstance(size, (tuple, list)) and None in size) or size is None:
+        b.problems.append(f"{name}: AdaptiveAvgPool2d with a None output size is not supported; give both sizes")
+        return None
+    return b.emit(name, "adaptive_avg_pool2d", args[0], output_size=_pair(size))
+
+
+@converts_module(nn.Flatten)
+def _flatten(b: _Builder, name: str, m: nn.Flatten, args: list[Any]) -> Ref:
+    return b.emit(name, "flatten", args[0], start_dim=m.start_dim, end_dim=m.end_dim)
+
+
+@converts_module(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
+def _identity(b: _Builder, name: str, m: nn.Module, args: list[Any]) -> Ref:
+    return b.emit(name, "identity", args[0])
+
+
+# ---- functions and methods -----------------------------------------------------------------------
+# Each entry: op name, the names of its positional parameters (tensors first), and which of them are
+# operands (args) rather than options (attrs); defaults fill options not given.
+@dataclass(frozen=True)
+class _Sig:
+    op: str
+    params: tuple[str, ...]
+    operands: int
+    defaults: dict[str, Any] = field(default_factory=dict)
+    varargs: bool = False  # method forms like x.view(2, -1) / x.permute(0, 2, 1)
+
+
+_ADD = _Sig("add", ("input", "other"), 2)
+_SUB = _Sig("sub", ("input", "other"), 2)
+_MUL = _Sig("mul", ("input", "other"), 2)
+_DIV = _Sig("truediv", ("input", "other"), 2)
+_MATMUL = _Sig("matmul", ("input", "other"), 2)
+_NEG = _Sig("neg", ("input",), 1)
+_RELU = _Sig("relu", ("input",), 1)
+_SIGMOID = _Sig("sigmoid", ("input",), 1)
+_TANH = _Sig("tanh", ("input",), 1)
+_SOFTMAX = _Sig("softmax", ("input", "dim"), 1)
+_LOG_SOFTMAX = _Sig("log_softmax", ("input", "dim"), 1)
+_FLATTEN = _Sig("flatten", ("input", "start_dim", "end_dim"), 1, {"start_dim": 0, "end_dim": -1})
+_MAXPOOL = _Sig("max_pool2d", ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                               "return_indices"), 1,
+                {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
+_AVGPOOL = _Sig("avg_pool2d", ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                               "divisor_override"), 1,
+                {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
+                 "divisor_override": None})
+_ADAPTIVE = _Sig("adaptive_avg_pool2d", ("input", "output_size"), 1)
+_DROPOUT = _Sig("identity", ("input", "p", "training", "inplace"), 1, {"p": 0.5, "training": False, "inplace": False})
+_IDENTITY = _Sig("identity", ("input",), 1)
+_CAT = _Sig("cat", ("tensors", "dim"), 1, {"dim": 0})
+_LINEAR = _Sig("linear", ("input", "weight", "bias"), 3, {"bias": None})
+_CONV = _Sig("conv2d", ("input", "weight", "bias", "stride", "padding", "dilation", "groups"), 3,
+             {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+_TRANSPOSE = _Sig("transpose", ("input", "dim0", "dim1"), 1)
+_SUM = _Sig("sum", ("input", "dim", "keepdim"), 1, {"dim": None, "keepdim": False})
+_MEAN = _Sig("mean", ("input", "dim", "keepdim"), 1, {"dim": None, "keepdim": False})
+_SIZE = _Sig("size", ("input", "dim"), 1, {"dim": None})
+_GETITEM = _Sig("getitem", ("input", "index"), 2)
+_RESHAPE = _Sig("reshape", ("input", "shape"), 2)
+_PERMUTE = _Sig("permute", ("input", "dims"), 1)
+
+FUNCTIONS: dict[Any, _Sig] = {
+    operator.add: _ADD, torch.add: _ADD, operator.sub: _SUB, torch.sub: _SUB, operator.mul: _MUL, torch.mul: _MUL,
+    operator.truediv: _DIV, torch.div: _DIV, operator.neg: _NEG, torch.neg: _NEG,
+    operator.matmul: _MATMUL, torch.matmul: _MATMUL,
+    torch.relu: _RELU, F.relu: _RELU, torch.sigmoid: _SIGMOID, F.sigmoid: _SIGMOID, torch.tanh: _TANH,
+    F.tanh: _TANH, torch.softmax: _SOFTMAX, F.softmax: _SOFTMAX, torch.log_softmax: _LOG_SOFTMAX,
+    F.log_softmax: _LOG_SOFTMAX, torch.flatten: _FLATTEN, F.max_pool2d: _MAXPOOL, F.avg_pool2d: _AVGPOOL,
+    F.adaptive_avg_pool2d: _ADAPTIVE, F.dropout: _DROPOUT, torch.cat: _CAT, torch.concat: _CAT,
+    F.linear: _LINEAR, F.conv2d: _CONV, torch.transpose: _TRANSPOSE, torch.sum: _SUM, torch.mean: _MEAN,
+    operator.getitem: _GETITEM, torch.reshape: _RESHAPE, torch.permute: _PERMUTE,
+}
+# F.max_pool2d is a dispatcher: fx records the function it dispatches to.
+for _fn_name in ("_max_pool2d", "max_pool2d_with_indices"):
+    if hasattr(F, _fn_name):
+        FUNCTIONS.setdefault(getattr(F, _fn_name), _MAXPOOL)
+
+METHODS: dict[str, _Sig] = {
+    "add": _ADD, "sub": _SUB, "mul": _MUL, "div": _DIV, "neg": _NEG, "matmul": _MATMUL, "relu": _RELU,
+    "sigmoid": _SIGMOID, "tanh": _TANH, "softmax": _SOFTMAX, "log_softmax": _LOG_SOFTMAX, "flatten": _FLATTEN,
+    "view": _Sig("reshape", ("input", "shape"), 2, varargs=True),
+    "reshape": _Sig("reshape", ("input", "shape"), 2, varargs=True),
+    "permute": _Sig("permute", ("input", "dims"), 1, varargs=True),
+    "transpose": _TRANSPOSE, "contiguous": _IDENTITY, "sum": _SUM, "mean": _MEAN, "size": _SIZE,
+}
+
+_SUPPORTED_HINT = ("supported: Linear, Conv2d, BatchNorm1d/2d, ReLU, Sigmoid, Tanh, Softmax, LogSoftmax, "
+                   "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout, Identity, add/sub/mul/div, cat, "
+                   "view/reshape/flatten/transpose/permute, sum/mean")
+
+
+def _bind(sig: _Sig, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    if sig.varargs and len(args) >= 2:
+        rest = args[1:]
+        one = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        args = (args[0], tuple(one))
+    if len(args) > len(sig.params):
+        raise TypeError(f"too many arguments for {sig.op}")
+    bound = dict(sig.defaults)
+    bound.update(zip(sig.params, args))
+    for k, v in kwargs.items():
+        if k == "dim" and "dims" in sig.params:
+            k = "dims"
+        if k not in sig.params:
+            raise TypeError(f"unexpected keyword {k!r} for {sig.op}")
+        bound[k] = v
+    missing = [p for p in sig.params if p not in bound]
+    if missing:
+        raise TypeError(f"missing {missing} for {sig.op}")
+    return bound
+
+
+def _check_options(op: str, o: dict[str, Any]) -> str | None:
+    """Why an option combination cannot run securely (None if it can)."""
+    if op == "max_pool2d" and (o["dilation"] not in (1, (1, 1), [1, 1]) or o["ceil_mode"] or o["return_indices"]):
+        return "max_pool2d with dilation, ceil_mode or return_indices is not supported"
+    if op == "avg_pool2d" and (o["ceil_mode"] or o["divisor_override"] is not None
+                               or (not o["count_include_pad"] and o["padding"] not in (0, (0, 0), [0, 0]))):
+        return "avg_pool2d with ceil_mode, divisor_override or count_include_pad=False is not supported"
+    if op in ("softmax", "log_softmax") and o.get("dim") is None:
+        return f"{op} needs an explicit dim"
+    return None
+
+
+def _emit_call(b: _Builder, name: str, sig: _Sig, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Ref | None:
+    if sig.op in ("add", "sub") and "alpha" in kwargs:
+        alpha = kwargs.pop("alpha")
+        if alpha != 1:
+            args = (args[0], _scaled(b, name, args[1], alpha))
+    for dropped in ("inplace", "dtype", "_stacklevel", "rounding_mode"):
+        if dropped == "rounding_mode" and kwargs.get(dropped) is not None:
+            b.problems.append(f"{name}: division with rounding_mode is not supported on shares")
+            return None
+        kwargs.pop(dropped, None)
+    try:
+        bound = _bind(sig, args, kwargs)
+    except TypeError as e:
+        b.problems.append(f"{name}: {sig.op}: {e}")
+        return None
+    why = _check_options(sig.op, bound)
+    if why:
+        b.problems.append(f"{name}: {why}")
+        return None
+    names = sig.params
+    operands = [_to_arg(bound[p]) for p in names[:sig.operands]]
+    attrs = {p: _to_arg(bound[p]) for p in names[sig.operands:]
+             if p not in ("dilation", "ceil_mode", "return_indices", "count_include_pad", "divisor_override", "p",
+                          "training", "inplace") or sig.op == "conv2d"}
+    if sig.op == "identity":
+        attrs = {}
+    return b.emit(name, sig.op, *operands, **attrs)
+
+
+def _scaled(b: _Builder, name: str, v: Any, alpha: Any) -> Any:
+    return b.emit(f"{name}_alpha", "mul", v, alpha)
+
+
+def _to_arg(v: Any) -> Any:
+    if isinstance(v, Ref):
+        return v
+    if isinstance(v, torch.fx.Node):
+        return Ref(v.name)
+    if isinstance(v, torch.Size):
+        return tuple(int(d) for d in v)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_to_arg(x) for x in v)
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise TypeError(f"argument of type {type(v).__name__} ({v!r}) cannot be expressed on shares")
+
+
+# ---- the tracer ----------------------------------------------------------------------------------
+def _trace(module: nn.Module) -> torch.fx.GraphModule:
+    if isinstance(module, torch.fx.GraphModule):
+        return module
+    try:
+        return torch.fx.symbolic_trace(module)
+    except Exception as e:  # fx raises many kinds (TraceError, TypeError, NotImplementedError...)
+        raise UnsupportedModelError(
+            f"torch.fx could not trace {type(module).__name__}: {type(e).__name__}: {e}. Veil needs a forward "
+            f"without data-dependent control flow (no `if x.sum() > 0`, no Python loops over tensor values)"
+        ) from None
+
+
+def _describe(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"call_module {type(gm.get_submodule(str(node.target))).__name__} '{node.target}'"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target}"
+
+
+def from_fx(module: nn.Module) -> tuple[Graph, dict[str, torch.Tensor]]:
+    """Trace ``module`` (in eval semantics) into a graph and its parameter values."""
+    gm = _trace(module)
+    b = _Builder()
+    env: dict[str, Any] = {}
+
+    def arg(v: Any) -> Any:
+        if isinstance(v, torch.fx.Node):
+            return env.get(v.name)
+        if isinstance(v, (list, tuple)):
+            return type(v)(arg(x) for x in v)
+        if isinstance(v, dict):
+            return {k: arg(x) for k, x in v.items()}
+        return v
+
+    for node in gm.graph.nodes:
+        what = _describe(node, gm)
+        out: Any = None
+        args, kwargs = arg(node.args), arg(node.kwargs)
+        if node.op == "placeholder":
+            out = b.emit(node.name, "input")
+        elif node.op == "get_attr":
+            value = _attr(gm, str(node.target))
+            if isinstance(value, torch.Tensor):
+                out = b.param(str(node.target), value)
+            else:
+                b.problems.append(f"node '{node.name}' ({what}): attribute of type {type(value).__name__}")
+        elif node.op == "call_module":
+            sub = gm.get_submodule(str(node.target))
+            conv = MODULES.get(type(sub))
+            if conv is None:
+                b.problems.append(f"node '{node.name}' ({what}): {type(sub).__name__} is not supported; "
+                                  f"{_SUPPORTED_HINT}")
+            elif kwargs:
+                b.problems.append(f"node '{node.name}' ({what}): keyword arguments to a module call")
+            else:
+                out = conv(b, str(node.target), sub, list(args))
+        elif node.op in ("call_function", "call_method"):
+            if node.op == "call_method":
+                sig = METHODS.get(str(node.target))
+            else:
+                sig = FUNCTIONS.get(node.target)
+                if sig is None and node.target is getattr and len(args) == 2 and args[1] == "shape":
+                    sig = _SIZE
+                    args = (args[0],)
+            if sig is None:
+                b.problems.append(f"node '{node.name}' ({what}) is not supported; {_SUPPORTED_HINT}")
+            else:
+                try:
+                    out = _emit_call(b, node.name, sig, tuple(args), dict(kwargs))
+                except TypeError as e:
+                    b.problems.append(f"node '{node.name}' ({what}): {e}")
+        elif node.op == "output":
+            b.emit("output", "output", _to_arg(args[0]))
+            continue
+        env[node.name] = out
+    if b.problems:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} cannot be converted ({len(b.problems)} problem(s)):\n  - "
+            + "\n  - ".join(b.problems))
+    graph = Graph(b.nodes).validate()
+    graph, values = fold_batch_norms(graph, b.values)
+    graph = pool_before_activation(graph)
+    return graph.without_unused().validate(), {k: v for k, v in values.items() if k in graph.params}
+
+
+def from_torch(module: nn.Module) -> SecureModel:
+    """Convert ``module`` into a :class:`~veil.nn.model.SecureModel` with its (plaintext) parameters,
+    ready to be shared by its owner. Inference semantics: BatchNorm uses its running statistics and
+    Dropout is the identity, whatever ``module.training`` says."""
+    from veil.nn.model import SecureModel
+
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"from_torch needs a torch.nn.Module, got {type(module).__name__}")
+    graph, values = from_fx(module)
+    return SecureModel(graph, values)
+
+
+def _attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---- rewrites ------------------------------------------------------------------------------------
+def _replace_uses(graph: Graph, old: str, new: Any) -> None:
+    def sub(v: Any) -> Any:
+        if isinstance(v, Ref) and v.name == old:
+            return new
+        if isinstance(v, (tuple, list)):
+            return type(v)(sub(x) for x in v)
+        return v
+
+    for n in graph.nodes:
+        n.args = tuple(sub(a) for a in n.args)
+        n.attrs = {k: sub(v) for k, v in n.attrs.items()}
+
+
+def fold_batch_norms(graph: Graph, values: dict[str, torch.Tensor]) -> tuple[Graph, dict[str, torch.Tensor]]:
+    """Fold each ``batch_norm`` that reads a Linear/Conv2d output (used nowhere else) into that layer:
+    ``W' = W * scale`` per output channel, ``b' = b * scale + shift``."""
+    values = dict(values)
+    for bn in [n for n in graph.nodes if n.op == "batch_norm"]:
+        src_ref = bn.args[0]
+        if not isinstance(src_ref, Ref):
+            continue
+        src = graph.node(src_ref.name)
+        if src.op not in ("linear", "conv2d") or len(graph.users(src.name)) != 1:
+            continue
+        w_ref, b_ref = src.args[1], src.args[2]
+        if not isinstance(w_ref, Ref) or len(graph.users(w_ref.name)) != 1:
+            continue
+        if b_ref is not None and (not isinstance(b_ref, Ref) or len(graph.users(b_ref.name)) != 1):
+            continue
+        scale, shift = values[bn.args[1].name].double(), values[bn.args[2].name].double()
+        w = values[w_ref.name].double()
+        values[w_ref.name] = (w * scale.reshape(-1, *([1] * (w.dim() - 1)))).float()
+        old_b = values[b_ref.name].double() if b_ref is not None else torch.zeros_like(scale)
+        new_b = (old_b * scale + shift).float()
+        if b_ref is None:
+            name = unique_name(f"{src.name}_bias", (n.name for n in graph.nodes))
+            graph.nodes.insert(graph.nodes.index(src), Node(name, "param", (), {"shape": list(new_b.shape)}))
+            src.args = (src.args[0], w_ref, Ref(name))
+            values[name] = new_b
+        else:
+            values[b_ref.name] = new_b
+        _replace_uses(graph, bn.name, Ref(src.name))
+        graph.nodes.remove(bn)
+    return graph.without_unused(), values
+
+
+def pool_before_activation(graph: Graph) -> Graph:
+    """``maxpool(f(x))`` -> ``f(maxpool(x))`` for monotone ``f`` whose only user is the pool."""
+    for pool in [n for n in graph.nodes if n.op == "max_pool2d"]:
+        src = pool.args[0]
+        if not isinstance(src, Ref):
+            continue
+        act = graph.node(src.name)
+        if act.op not in MONOTONE or len(graph.users(act.name)) != 1:
+            continue
+        # act: f(x) at act's position, pool: maxpool(act). Swap what the two nodes compute, keep names:
+        # act becomes maxpool(x) and pool becomes f(act); pool's users are unchanged.
+        f = act.op
+        act.op, act.attrs = "max_pool2d", dict(pool.attrs)
+        pool.op, pool.attrs = f, {}
+    return graph

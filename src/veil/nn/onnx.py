@@ -1,0 +1,741 @@
+"""``from_onnx``: an ONNX model file into Veil's graph.
+
+Supported ONNX ops (default domain) and what they become:
+
+========================================  ======================================================
+Conv (2-D; symmetric padding)             ``conv2d``
+Gemm, MatMul with a constant weight       ``linear`` (``alpha``/``beta``/``transB`` folded in)
+MatMul of two tensors                     ``matmul``
+Add, Sub, Mul, Div, Neg                   ``add``, ``sub``, ``mul``, ``truediv`` (by a weight:
+                                          ``mul`` by its reciprocal), ``neg``
+ReduceMean, ReduceSum                     ``mean``, ``sum``
+Relu, Sigmoid, Tanh, Softmax, LogSoftmax  the op of the same name (``axis`` -> ``dim``)
+MaxPool, AveragePool (2-D; symmetric)     ``max_pool2d``, ``avg_pool2d`` (count_include_pad=1)
+GlobalAveragePool / GlobalMaxPool         ``adaptive_avg_pool2d((1, 1))`` / ``max_pool2d``
+BatchNormalization (inference)            ``batch_norm``, then folded into a preceding Conv/Gemm
+Flatten, Reshape, Transpose, Concat       ``flatten``, ``reshape``, ``permute``, ``cat``
+Dropout, Identity, Cast to float          nothing (the value passes through)
+Constant, Shape, Gather, Unsqueeze,       evaluated at conversion: constants, and the shape
+Squeeze, Slice, Concat over shapes        arithmetic of ``x.view(x.size(0), -1)``
+========================================  ======================================================
+
+Initializers are the model owner's weights: each one a tensor operand reads becomes a ``param``
+node (secret once shared). Scalars of ``Constant`` nodes (``x / 2``) stay public numbers in the
+graph, as literals do in :func:`veil.nn.from_torch`.
+
+A ``Reshape`` whose target keeps the input's first dimension, symbolically (``Shape``/``Gather``) or
+by value (the exporter writes ``x.view(x.size(0), -1)`` as the constant ``[2, -1]`` for a fixed
+batch of 2), keeps it symbolically: the converted model runs on any batch size.
+
+Every node is checked; all unsupported ops and attributes are listed in one
+:class:`~veil.nn.convert.UnsupportedModelError`, each with the node's name, its op and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from veil.nn.convert import UnsupportedModelError, _Builder, fold_batch_norms, pool_before_activation
+from veil.nn.graph import Graph, Ref
+from veil.nn.load import ModelFileError
+from veil.nn.model import SecureModel
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_FLOAT_TYPES = (1, 10, 11, 16)  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+@dataclass(frozen=True, eq=False)
+class _Const:
+    """A value known at conversion: an initializer (a weight) or the output of a Constant node."""
+
+    value: np.ndarray
+    name: str
+    public: bool  # from a Constant node (part of the architecture) rather than an initializer
+
+
+@dataclass(frozen=True)
+class _Dim:
+    """Dimension ``index`` of the graph tensor ``ref`` (ONNX name ``source``), known only at run time."""
+
+    ref: Ref
+    source: str
+    index: int
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A shape computation's value: a list of dimensions (or one, ``scalar``)."""
+
+    items: tuple[int | _Dim, ...]
+    scalar: bool = False
+
+
+Value = Ref | _Const | _Shape
+
+
+class _Problem(Exception):
+    """An unsupported op or attribute; the importer records it with the node and goes on.
+    ``about_input``: the problem is the kind of an input (not reported when an earlier problem made it)."""
+
+    def __init__(self, message: str, *, about_input: bool = False) -> None:
+        super().__init__(message)
+        self.about_input = about_input
+
+
+@dataclass
+class _Node:
+    label: str  # the node's name in the file, for messages
+    base: str  # a name for the IR nodes it becomes
+    op: str
+    inputs: list[Value | None]  # None: an optional input left out
+    input_names: list[str]
+    attrs: dict[str, Any]
+    outputs: list[str]
+
+
+Converter = Callable[["_Importer", _Node], "Value | list[Value] | None"]
+CONVERTERS: dict[str, Converter] = {}
+
+
+def converts(*ops: str) -> Callable[[Converter], Converter]:
+    def deco(fn: Converter) -> Converter:
+        for op in ops:
+            CONVERTERS[op] = fn
+        return fn
+
+    return deco
+
+
+_HINTS = {
+    "LSTM": "recurrent layers are not supported on shares; use Linear/Conv layers",
+    "GRU": "recurrent layers are not supported on shares; use Linear/Conv layers",
+    "RNN": "recurrent layers are not supported on shares; use Linear/Conv layers",
+    "Erf": "GELU (erf) has no secure approximation in Veil; use ReLU, Sigmoid or Tanh",
+    "Gelu": "GELU has no secure approximation in Veil; use ReLU, Sigmoid or Tanh",
+    "LeakyRelu": "use ReLU", "Elu": "use ReLU", "Selu": "use ReLU", "Clip": "use ReLU (ReLU6 is a Clip)",
+    "HardSigmoid": "use Sigmoid", "HardSwish": "use ReLU",
+    "Pad": "pad inside Conv/MaxPool/AvgPool (padding=...) instead of a separate pad",
+}
+
+
+def _supported() -> str:
+    shown = sorted(op for op in CONVERTERS if op not in ("Cast", "Shape", "Gather", "Unsqueeze", "Squeeze", "Slice"))
+    return "Supported ONNX ops: " + ", ".join(shown) + " (and the shape arithmetic of x.view(x.size(0), -1))."
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def _load(source: str | Path | bytes | bytearray | memoryview) -> tuple[Any, str]:
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError("from_onnx needs the onnx package: pip install 'veil[onnx]'") from None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        raw, label = bytes(source), f"<ONNX model of {len(source)} bytes>"
+        if not raw:
+            raise ModelFileError(f"{label}: empty: an ONNX model file is never empty")
+        try:
+            model = onnx.load_from_string(raw)
+        except Exception as e:  # protobuf's DecodeError and kin: garbage bytes
+            raise ModelFileError(f"{label}: not an ONNX model ({type(e).__name__}: {e})") from None
+    else:
+        path = Path(source)
+        label = str(path)
+        if not path.is_file():
+            raise ModelFileError(f"{label}: no such file" if not path.exists() else f"{label}: not a file")
+        if path.stat().st_size == 0:
+            raise ModelFileError(f"{label}: the file is empty (an interrupted save?)")
+        try:
+            model = onnx.load(str(path))
+        except Exception as e:  # DecodeError for garbage, OSError for missing external data...
+            raise ModelFileError(f"{label}: not an ONNX model ({type(e).__name__}: {e})") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # onnx.checker.ValidationError, and protobuf errors for huge models
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"{label}: not a valid ONNX model: {first}") from None
+    return model, label
+
+
+def _static_shapes(model: Any) -> dict[str, list[int | None]]:
+    """ONNX name -> dimensions (None where unknown), from shape inference where it succeeds."""
+    import onnx
+
+    with contextlib.suppress(Exception):  # shape inference is a help, not a requirement
+        model = onnx.shape_inference.infer_shapes(model)
+    shapes: dict[str, list[int | None]] = {}
+    g = model.graph
+    for info in [*g.input, *g.value_info, *g.output]:
+        t = info.type.tensor_type
+        if info.type.HasField("tensor_type") and t.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return shapes
+
+
+def _attrs(node: Any) -> dict[str, Any]:
+    import onnx
+
+    out: dict[str, Any] = {}
+    for a in node.attribute:
+        v = onnx.helper.get_attribute_value(a)
+        if isinstance(v, bytes):
+            v = v.decode("utf-8", "replace")
+        out[a.name] = v
+    return out
+
+
+def _base(name: str, op: str) -> str:
+    return name.strip("/").replace("/", ".").replace("::", ".") or op.lower()
+
+
+# ---- the importer --------------------------------------------------------------------------------
+@dataclass
+class _Importer:
+    opset: int
+    shapes: dict[str, list[int | None]]
+    used: set[str]  # ONNX names some node or the graph output reads
+    b: _Builder = field(default_factory=_Builder)
+    env: dict[str, Value] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)  # ONNX names an earlier problem left without a value
+    _params: dict[str, Ref] = field(default_factory=dict)
+
+    def rank(self, name: str) -> int | None:
+        return len(self.shapes[name]) if name in self.shapes else None
+
+    def param(self, c: _Const, base: str) -> Ref:
+        """The ``param`` node of a constant, one per constant (named after it unless the exporter made the
+        name up, as in ``onnx::Conv_15``)."""
+        if c.name not in self._params:
+            readable = c.name and not c.name.startswith("onnx::")
+            self._params[c.name] = self.new_param(_base(c.name, "") if readable else base, c.value)
+        return self._params[c.name]
+
+    def new_param(self, base: str, value: np.ndarray) -> Ref:
+        """A ``param`` node for a value computed from constants (a transposed weight, a folded bias)."""
+        return self.b.param(base, torch.from_numpy(np.array(value, dtype=np.float64)))
+
+    def operand(self, v: Value | None, n: _Node, role: str) -> Any:
+        """A tensor operand: graph tensors as they are, public scalars as numbers, weights as params."""
+        if isinstance(v, Ref):
+            return v
+        if isinstance(v, _Const):
+            if v.public and v.value.size == 1:
+                return float(v.value.reshape(-1)[0])
+            return self.param(v, f"{n.base}.{role}")
+        raise _Problem(f"its {role} is a shape computation used as a tensor, which Veil does not support",
+                       about_input=True)
+
+    def ref(self, v: Value | None, what: str = "input") -> Ref:
+        if isinstance(v, Ref):
+            return v
+        raise _Problem(f"its {what} must be a tensor computed from the model's input", about_input=True)
+
+    def const(self, v: Value | None, what: str) -> np.ndarray:
+        if isinstance(v, _Const):
+            return v.value
+        raise _Problem(f"its {what} must be a constant (an initializer or a Constant node)", about_input=True)
+
+    def size(self, d: _Dim, base: str) -> int | Ref:
+        """A dimension as a number where shape inference knows it (all but the first, the batch), else as
+        a ``size`` node evaluated at run time."""
+        static = self.shapes.get(d.source, [])
+        known = static[d.index] if d.index < len(static) else None
+        if d.index != 0 and known is not None:
+            return known
+        return self.b.emit(f"{base}.size", "size", d.ref, dim=d.index)
+
+    def fail(self, names: Sequence[str]) -> None:
+        """Give ``names`` a stand-in value, so that later nodes are still checked for their own problems."""
+        for name in names:
+            self.failed.add(name)
+            self.env[name] = Ref(f"<unavailable: {name}>")
+
+    def unused(self, n: _Node, *indices: int) -> None:
+        for i in indices:
+            if i < len(n.outputs) and n.outputs[i] and n.outputs[i] in self.used:
+                raise _Problem(f"its output {i} ({n.outputs[i]!r}) is read, which Veil does not compute")
+
+
+def _ints(v: Any) -> list[int]:
+    return [int(x) for x in np.asarray(v).reshape(-1)]
+
+
+def _symmetric(n: _Node, kernel: Sequence[int]) -> list[int]:
+    """The padding of a 2-D conv or pool, the same on both sides of each axis (what PyTorch can run)."""
+    rank = len(kernel)
+    auto_pad = n.attrs.get("auto_pad", "NOTSET")
+    if auto_pad == "VALID":
+        return [0] * rank
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):  # symmetric when stride 1 and the total padding is even
+        dilations = _ints(n.attrs.get("dilations", [1] * rank))
+        total = [d * (k - 1) for d, k in zip(dilations, kernel)]
+        if any(s != 1 for s in _ints(n.attrs.get("strides", [1] * rank))) or any(t % 2 for t in total):
+            raise _Problem(f"auto_pad={auto_pad} with strides or an even kernel pads asymmetrically; export "
+                           f"with explicit symmetric padding")
+        return [t // 2 for t in total]
+    if auto_pad != "NOTSET":
+        raise _Problem(f"auto_pad={auto_pad} is not supported; export with explicit pads")
+    pads = _ints(n.attrs.get("pads", [0] * 2 * rank))
+    if pads[:rank] != pads[rank:]:
+        raise _Problem(f"asymmetric pads {pads} (begin != end) are not supported; pad symmetrically "
+                       f"(PyTorch's padding=... always is)")
+    return pads[:rank]
+
+
+def _check_2d(n: _Node, kernel: Sequence[int]) -> None:
+    if len(kernel) != 2:
+        raise _Problem(f"{len(kernel)}-D {n.op} is not supported; Veil runs 2-D convolutions and pooling")
+
+
+# ---- layers --------------------------------------------------------------------------------------
+@converts("Conv")
+def _conv(imp: _Importer, n: _Node) -> Value:
+    w = n.inputs[1]
+    kernel = list(np.shape(w.value))[2:] if isinstance(w, _Const) else _ints(n.attrs.get("kernel_shape", []))
+    _check_2d(n, kernel)
+    pads = _symmetric(n, kernel)
+    x = imp.ref(n.inputs[0])
+    weight = imp.operand(w, n, "weight")
+    bias = imp.operand(n.inputs[2], n, "bias") if len(n.inputs) > 2 and n.inputs[2] is not None else None
+    return imp.b.emit(n.base, "conv2d", x, weight, bias, stride=_ints(n.attrs.get("strides", [1, 1])),
+                      padding=pads, dilation=_ints(n.attrs.get("dilations", [1, 1])),
+                      groups=int(n.attrs.get("group", 1)))
+
+
+@converts("Gemm")
+def _gemm(imp: _Importer, n: _Node) -> Value:
+    a = imp.ref(n.inputs[0])
+    alpha, beta = float(n.attrs.get("alpha", 1.0)), float(n.attrs.get("beta", 1.0))
+    trans_b = int(n.attrs.get("transB", 0))
+    if int(n.attrs.get("transA", 0)):
+        a = imp.b.emit(f"{n.base}.transpose", "transpose", a, dim0=0, dim1=1)
+    b_in, c_in = n.inputs[1], n.inputs[2] if len(n.inputs) > 2 else None
+    if isinstance(b_in, _Const):
+        w = b_in.value if trans_b else b_in.value.T
+        weight = imp.param(b_in, f"{n.base}.weight") if trans_b and alpha == 1.0 else \
+            imp.new_param(f"{n.base}.weight", w * alpha)
+        bias = None
+        if isinstance(c_in, _Const):
+            out_features = w.shape[0]
+            if c_in.value.shape == (out_features,) and beta == 1.0:
+                bias = imp.param(c_in, f"{n.base}.bias")
+            elif c_in.value.size == 1 or c_in.value.shape in ((out_features,), (1, out_features)):
+                bias = imp.new_param(f"{n.base}.bias", np.broadcast_to(c_in.value.reshape(-1) * beta, out_features))
+            else:
+                raise _Problem(f"its bias C of shape {list(c_in.value.shape)} is not one value per output "
+                               f"feature ({out_features},)")
+            c_in = None
+        out = imp.b.emit(n.base, "linear", a, weight, bias)
+    else:
+        b_ref = imp.ref(b_in, "B")
+        if trans_b:
+            b_ref = imp.b.emit(f"{n.base}.transpose_b", "transpose", b_ref, dim0=0, dim1=1)
+        out = imp.b.emit(n.base, "matmul", a, b_ref)
+        if alpha != 1.0:
+            out = imp.b.emit(f"{n.base}.alpha", "mul", out, alpha)
+    if c_in is not None:
+        c_arg = imp.operand(c_in, n, "bias")
+        if beta != 1.0:
+            c_arg = imp.b.emit(f"{n.base}.beta", "mul", c_arg, beta)
+        out = imp.b.emit(f"{n.base}.add", "add", out, c_arg)
+    return out
+
+
+@converts("MatMul")
+def _matmul(imp: _Importer, n: _Node) -> Value:
+    a, b = n.inputs[0], n.inputs[1]
+    if isinstance(b, _Const) and b.value.ndim == 2 and isinstance(a, Ref):
+        return imp.b.emit(n.base, "linear", a, imp.new_param(f"{n.base}.weight", b.value.T), None)
+    return imp.b.emit(n.base, "matmul", imp.operand(a, n, "A"), imp.operand(b, n, "B"))
+
+
+@converts("BatchNormalization")
+def _batch_norm(imp: _Importer, n: _Node) -> Value:
+    if int(n.attrs.get("training_mode", 0)):
+        raise _Problem("training_mode=1 normalises by batch statistics; export the model in eval() mode")
+    imp.unused(n, 1, 2)
+    x = imp.ref(n.inputs[0])
+    gamma, beta, mean, var = (imp.const(v, w).astype(np.float64)
+                              for v, w in zip(n.inputs[1:5], ("scale", "B", "mean", "var")))
+    scale = gamma / np.sqrt(var + float(n.attrs.get("epsilon", 1e-5)))
+    shift = beta - mean * scale
+    src = n.inputs[1]
+    prefix = src.name[:-len(".weight")] if isinstance(src, _Const) and src.name.endswith(".weight") else n.base
+    return imp.b.emit(n.base, "batch_norm", x, imp.new_param(f"{prefix}.scale", scale),
+                      imp.new_param(f"{prefix}.shift", shift))
+
+
+# ---- activations ---------------------------------------------------------------------------------
+@converts("Relu", "Sigmoid", "Tanh", "Neg")
+def _unary(imp: _Importer, n: _Node) -> Value:
+    return imp.b.emit(n.base, n.op.lower(), imp.ref(n.inputs[0]))
+
+
+@converts("Softmax", "LogSoftmax")
+def _softmax(imp: _Importer, n: _Node) -> Value:
+    axis = int(n.attrs.get("axis", -1 if imp.opset >= 13 else 1))
+    if imp.opset < 13:  # before opset 13: softmax over all dimensions from axis on, flattened
+        rank = imp.rank(n.input_names[0])
+        if rank is None or axis % rank != rank - 1:
+            raise _Problem(f"opset {imp.opset} {n.op} with axis={axis} normalises over the flattened "
+                           f"dimensions from axis on; re-export with opset_version >= 13")
+    return imp.b.emit(n.base, "softmax" if n.op == "Softmax" else "log_softmax", imp.ref(n.inputs[0]), dim=axis)
+
+
+# ---- pooling -------------------------------------------------------------------------------------
+def _pool_options(n: _Node) -> dict[str, Any]:
+    kernel = _ints(n.attrs.get("kernel_shape", []))
+    _check_2d(n, kernel)
+    if int(n.attrs.get("ceil_mode", 0)):
+        raise _Problem("ceil_mode=1 is not supported; export with ceil_mode=False")
+    if any(d != 1 for d in _ints(n.attrs.get("dilations", [1, 1]))):
+        raise _Problem("dilated pooling is not supported")
+    pads = _symmetric(n, kernel)
+    if any(p > k // 2 for p, k in zip(pads, kernel)):
+        raise _Problem(f"pads {pads} exceed half the kernel {kernel}")
+    return {"kernel_size": kernel, "stride": _ints(n.attrs.get("strides", [1, 1])), "padding": pads}
+
+
+@converts("MaxPool")
+def _max_pool(imp: _Importer, n: _Node) -> Value:
+    imp.unused(n, 1)
+    options = _pool_options(n)
+    return imp.b.emit(n.base, "max_pool2d", imp.ref(n.inputs[0]), **options)
+
+
+@converts("AveragePool")
+def _avg_pool(imp: _Importer, n: _Node) -> Value:
+    options = _pool_options(n)
+    if any(options["padding"]) and not int(n.attrs.get("count_include_pad", 0)):
+        raise _Problem("count_include_pad=0 with padding divides border windows by fewer elements; Veil's "
+                       "avg_pool2d counts the padding: use AvgPool2d(count_include_pad=True) or pad explicitly")
+    return imp.b.emit(n.base, "avg_pool2d", imp.ref(n.inputs[0]), **options)
+
+
+@converts("GlobalAveragePool", "GlobalMaxPool")
+def _global_pool(imp: _Importer, n: _Node) -> Value:
+    shape = imp.shapes.get(n.input_names[0])
+    if shape is not None and len(shape) != 4:
+        raise _Problem(f"{n.op} of a {len(shape)}-D tensor is not supported (only N x C x H x W)")
+    x = imp.ref(n.inputs[0])
+    if n.op == "GlobalAveragePool":
+        return imp.b.emit(n.base, "adaptive_avg_pool2d", x, output_size=[1, 1])
+    if shape is None or shape[2] is None or shape[3] is None:
+        raise _Problem("GlobalMaxPool needs a known spatial size; export with a fixed input size")
+    kernel = [int(shape[2]), int(shape[3])]
+    return imp.b.emit(n.base, "max_pool2d", x, kernel_size=kernel, stride=kernel, padding=[0, 0])
+
+
+# ---- arithmetic ----------------------------------------------------------------------------------
+@converts("Add", "Sub", "Mul", "Div")
+def _arith(imp: _Importer, n: _Node) -> Value:
+    a, b = n.inputs[0], n.inputs[1]
+    op = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "truediv"}[n.op]
+    if op == "truediv" and isinstance(b, _Const) and not (b.public and b.value.size == 1):
+        if np.any(b.value == 0):
+            raise _Problem("division by a constant that holds zeros")
+        recip = 1.0 / b.value.astype(np.float64)  # a weight divisor: multiply by its reciprocal, no secret division
+        return imp.b.emit(n.base, "mul", imp.operand(a, n, "A"), imp.new_param(f"{n.base}.reciprocal", recip))
+    return imp.b.emit(n.base, op, imp.operand(a, n, "A"), imp.operand(b, n, "B"))
+
+
+@converts("ReduceMean", "ReduceSum")
+def _reduce(imp: _Importer, n: _Node) -> Value:
+    x = imp.ref(n.inputs[0])
+    axes = _axes(imp, n) if "axes" in n.attrs or (len(n.inputs) > 1 and n.inputs[1] is not None) else []
+    if not axes:
+        if int(n.attrs.get("noop_with_empty_axes", 0)):
+            return x
+        rank = imp.rank(n.input_names[0])
+        if rank is None:
+            raise _Problem(f"{n.op} over all dimensions of a tensor of unknown rank")
+        axes = list(range(rank))
+    op = "mean" if n.op == "ReduceMean" else "sum"
+    return imp.b.emit(n.base, op, x, dim=axes, keepdim=bool(int(n.attrs.get("keepdims", 1))))
+
+
+# ---- shape ---------------------------------------------------------------------------------------
+@converts("Identity", "Dropout")
+def _pass_through(imp: _Importer, n: _Node) -> Value | None:
+    if n.op == "Dropout":
+        imp.unused(n, 1)
+        training = n.inputs[2] if len(n.inputs) > 2 else None
+        if isinstance(training, _Const) and bool(training.value.reshape(-1)[0]):
+            raise _Problem("training_mode=True drops activations at random; export the model in eval() mode")
+    return n.inputs[0]
+
+
+@converts("Cast")
+def _cast(imp: _Importer, n: _Node) -> Value | None:
+    if isinstance(n.inputs[0], Ref) and int(n.attrs.get("to", 1)) not in _FLOAT_TYPES:
+        raise _Problem("casting a tensor to an integer or boolean type is not supported on shares")
+    return n.inputs[0]
+
+
+@converts("Flatten")
+def _flatten(imp: _Importer, n: _Node) -> Value:
+    x = imp.ref(n.inputs[0])
+    axis = int(n.attrs.get("axis", 1))
+    if axis < 0:
+        rank = imp.rank(n.input_names[0])
+        if rank is None:
+            raise _Problem(f"Flatten with axis={axis} of a tensor of unknown rank")
+        axis += rank
+    if axis == 0:
+        return imp.b.emit(n.base, "reshape", x, (1, -1))
+    out = imp.b.emit(n.base, "flatten", x, start_dim=axis)  # ONNX's Flatten always gives 2-D
+    return out if axis == 1 else imp.b.emit(f"{n.base}.outer", "flatten", out, start_dim=0, end_dim=axis - 1)
+
+
+@converts("Reshape")
+def _reshape(imp: _Importer, n: _Node) -> Value:
+    x = imp.ref(n.inputs[0])
+    target = n.inputs[1]
+    items = list(target.items) if isinstance(target, _Shape) else list[int | _Dim](_ints(imp.const(target, "shape")))
+    if not int(n.attrs.get("allowzero", 0)):  # 0 copies the input's dimension
+        items = [_Dim(x, n.input_names[0], i) if d == 0 else d for i, d in enumerate(items)]
+    static = imp.shapes.get(n.input_names[0]) or []
+    first = items[0] if items else None
+    keeps_first = (isinstance(first, _Dim) and first.ref == x and first.index == 0) or (
+        isinstance(first, int) and first > 0 and bool(static) and static[0] == first)
+    if not keeps_first:
+        return imp.b.emit(n.base, "reshape", x, tuple(imp.size(d, n.base) if isinstance(d, _Dim) else d for d in items))
+    rest = [imp.size(d, n.base) if isinstance(d, _Dim) else d for d in items[1:]]
+    if rest == [-1]:
+        return imp.b.emit(n.base, "flatten", x, start_dim=1)
+    ints = [d for d in rest if isinstance(d, int)]
+    if len(ints) == len(rest):
+        if -1 not in ints:
+            return imp.b.emit(n.base, "reshape", x, (-1, *ints))
+        tail = [d for d in static[1:] if d is not None]
+        if static and len(tail) == len(static) - 1:  # the -1 is known: the first dimension can be the free one
+            free = _prod(tail) // -_prod(ints)
+            return imp.b.emit(n.base, "reshape", x, (-1, *(free if d == -1 else d for d in ints)))
+    return imp.b.emit(n.base, "reshape", x, (imp.b.emit(f"{n.base}.size", "size", x, dim=0), *rest))
+
+
+def _prod(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+@converts("Transpose")
+def _transpose(imp: _Importer, n: _Node) -> Value:
+    x = imp.ref(n.inputs[0])
+    perm = n.attrs.get("perm")
+    if perm is None:
+        rank = imp.rank(n.input_names[0])
+        if rank is None:
+            raise _Problem("Transpose without perm of a tensor of unknown rank")
+        perm = list(reversed(range(rank)))
+    return imp.b.emit(n.base, "permute", x, dims=_ints(perm))
+
+
+@converts("Concat")
+def _concat(imp: _Importer, n: _Node) -> Value:
+    axis = int(n.attrs["axis"])
+    if any(isinstance(v, _Shape) for v in n.inputs):
+        items: list[int | _Dim] = []
+        for v in n.inputs:
+            items.extend(v.items if isinstance(v, _Shape) else _ints(imp.const(v, "shape part")))
+        return _Shape(tuple(items))
+    return imp.b.emit(n.base, "cat", [imp.operand(v, n, f"input{i}") for i, v in enumerate(n.inputs)], dim=axis)
+
+
+@converts("Constant")
+def _constant(imp: _Importer, n: _Node) -> Value:
+    import onnx.numpy_helper
+
+    a = n.attrs
+    if "value" in a:
+        value = onnx.numpy_helper.to_array(a["value"])
+    elif "value_float" in a or "value_int" in a:
+        value = np.array(a.get("value_float", a.get("value_int")))
+    elif "value_floats" in a or "value_ints" in a:
+        value = np.array(a.get("value_floats", a.get("value_ints")))
+    else:
+        raise _Problem(f"a Constant with {sorted(a)} is not supported")
+    return _Const(value, n.outputs[0], True)
+
+
+@converts("Shape")
+def _shape(imp: _Importer, n: _Node) -> Value:
+    x = imp.ref(n.inputs[0])
+    rank = imp.rank(n.input_names[0])
+    if rank is None:
+        raise _Problem("Shape of a tensor of unknown rank")
+    dims = range(rank)[slice(n.attrs.get("start"), n.attrs.get("end"))]
+    return _Shape(tuple(_Dim(x, n.input_names[0], i) for i in dims))
+
+
+def _axes(imp: _Importer, n: _Node) -> list[int]:
+    if "axes" in n.attrs:
+        return _ints(n.attrs["axes"])
+    return _ints(imp.const(n.inputs[1] if len(n.inputs) > 1 else None, "axes"))
+
+
+@converts("Gather")
+def _gather(imp: _Importer, n: _Node) -> Value:
+    data, indices = n.inputs[0], imp.const(n.inputs[1], "indices")
+    if not isinstance(data, _Shape) or int(n.attrs.get("axis", 0)) != 0:
+        raise _Problem("indexing a tensor with Gather is not supported; only the shape arithmetic of "
+                       "x.view(x.size(0), -1) is")
+    picked = tuple(data.items[i] for i in _ints(indices))
+    return _Shape(picked, scalar=indices.ndim == 0)
+
+
+@converts("Unsqueeze", "Squeeze")
+def _unsqueeze(imp: _Importer, n: _Node) -> Value:
+    data = n.inputs[0]
+    if not isinstance(data, _Shape) or _axes(imp, n) not in ([0], [-1]) or data.scalar == (n.op == "Squeeze"):
+        raise _Problem(f"{n.op} of a tensor is not supported; use reshape/view with explicit sizes")
+    return _Shape(data.items, scalar=n.op == "Squeeze")
+
+
+@converts("Slice")
+def _slice(imp: _Importer, n: _Node) -> Value:
+    data = n.inputs[0]
+    if not isinstance(data, _Shape):
+        raise _Problem("slicing a tensor is not supported; only slicing a shape is")
+    starts, ends = _ints(imp.const(n.inputs[1], "starts")), _ints(imp.const(n.inputs[2], "ends"))
+    steps = _ints(imp.const(n.inputs[4], "steps")) if len(n.inputs) > 4 and n.inputs[4] is not None else [1]
+    return _Shape(data.items[slice(starts[0], ends[0], steps[0])])
+
+
+# ---- constant folding ----------------------------------------------------------------------------
+def _fold(imp: _Importer, n: _Node) -> Value | None:
+    """Evaluate ``n`` when all its inputs are constants (e.g. a transposed weight); None if we cannot."""
+    vals = [v.value if isinstance(v, _Const) else None for v in n.inputs]
+    a = n.attrs
+    x = vals[0] if vals else None
+    if x is None:
+        return None
+    out: np.ndarray | None = None
+    if n.op in ("Identity", "Dropout"):
+        out = x
+    elif n.op == "Cast":
+        import onnx.helper
+
+        out = x.astype(onnx.helper.tensor_dtype_to_np_dtype(int(a["to"])))
+    elif n.op in ("Add", "Sub", "Mul", "Div") and vals[1] is not None:
+        out = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[n.op](x, vals[1])
+    elif n.op in ("Neg", "Sqrt", "Reciprocal"):
+        out = {"Neg": np.negative, "Sqrt": np.sqrt, "Reciprocal": np.reciprocal}[n.op](x)
+    elif n.op == "Transpose":
+        out = np.transpose(x, a.get("perm"))
+    elif n.op == "Reshape" and vals[1] is not None:
+        shape = [x.shape[i] if d == 0 and not a.get("allowzero") else d for i, d in enumerate(_ints(vals[1]))]
+        out = x.reshape(shape)
+    elif n.op == "Unsqueeze":
+        out = x
+        for ax in sorted(_axes(imp, n)):
+            out = np.expand_dims(out, ax)
+    elif n.op == "Squeeze":
+        out = np.squeeze(x, tuple(_axes(imp, n))) if "axes" in a or len(n.inputs) > 1 else np.squeeze(x)
+    elif n.op == "Concat":
+        out = np.concatenate([v for v in vals if v is not None], axis=int(a["axis"]))
+    elif n.op == "Gather" and vals[1] is not None:
+        out = np.take(x, vals[1], axis=int(a.get("axis", 0)))
+    elif n.op == "Shape":
+        out = np.array(x.shape, dtype=np.int64)
+    else:
+        return None
+    public = all(v.public for v in n.inputs if isinstance(v, _Const))
+    return _Const(np.asarray(out), n.outputs[0], public)
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+def _convert_node(imp: _Importer, node: Any, index: int) -> None:
+    """Convert one ONNX node into ``imp``; a problem is recorded (unless an earlier one caused it)."""
+    label = node.name or f"#{index}"
+    where = f"node '{label}' ({node.op_type})"
+    tainted = any(name in imp.failed for name in node.input)
+    n = _Node(label, _base(node.name, node.op_type), node.op_type,
+              [imp.env.get(name) if name else None for name in node.input], list(node.input), _attrs(node),
+              list(node.output))
+    out: Value | list[Value] | None = None
+    try:
+        if node.domain not in _DEFAULT_DOMAINS:
+            raise _Problem(f"op of domain {node.domain!r} is not supported; export with standard ONNX ops only")
+        if n.inputs and all(isinstance(v, _Const) for v in n.inputs if v is not None):
+            out = _fold(imp, n)
+        if out is None:
+            converter = CONVERTERS.get(node.op_type)
+            if converter is None:
+                hint = _HINTS.get(node.op_type, "Veil has no secure equivalent")
+                raise _Problem(f"is not supported; {hint}")
+            out = converter(imp, n)
+    except _Problem as e:
+        if not (tainted and e.about_input):
+            imp.b.problems.append(f"{where}{'' if str(e).startswith('is not') else ':'} {e}")
+        imp.fail(n.outputs)
+        return
+    except (ValueError, IndexError, KeyError, TypeError) as e:  # attributes or shapes that do not fit
+        if not tainted:
+            imp.b.problems.append(f"{where}: cannot be converted ({type(e).__name__}: {e})")
+        imp.fail(n.outputs)
+        return
+    for name, v in zip(n.outputs, out if isinstance(out, list) else [out]):
+        if name and v is not None:
+            imp.env[name] = v
+    if tainted:
+        imp.failed.update(n.outputs)
+
+
+def from_onnx(source: str | Path | bytes) -> SecureModel:
+    """Convert an ONNX model (a file path, or the file's bytes) into a
+    :class:`~veil.nn.model.SecureModel` with its (plaintext) weights, ready to be shared by its owner.
+
+    Raises :class:`~veil.nn.load.ModelFileError` for a missing, empty or malformed file and
+    :class:`~veil.nn.convert.UnsupportedModelError` listing every op Veil cannot run on shares."""
+    model, label = _load(source)  # first: it explains a missing onnx package
+    import onnx.numpy_helper
+
+    g = model.graph
+    opset = max((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), default=1)
+    used = {name for node in g.node for name in node.input} | {o.name for o in g.output}
+    imp = _Importer(opset, _static_shapes(model), used)
+    problems = imp.b.problems
+    for init in g.initializer:
+        imp.env[init.name] = _Const(onnx.numpy_helper.to_array(init), init.name, False)
+    data_inputs = [i for i in g.input if i.name not in imp.env]
+    if len(data_inputs) != 1:
+        problems.append(f"the model has {len(data_inputs)} data inputs {[i.name for i in data_inputs]}; "
+                        f"Veil imports models with exactly one")
+    for i in data_inputs[1:]:
+        imp.fail([i.name])
+    for i in data_inputs[:1]:
+        if i.type.tensor_type.elem_type not in _FLOAT_TYPES:
+            problems.append(f"input '{i.name}' has element type "
+                            f"{onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type)}; Veil's models take "
+                            f"floating-point inputs")
+        imp.env[i.name] = imp.b.emit(_base(i.name, "input"), "input")
+
+    for index, node in enumerate(g.node):
+        _convert_node(imp, node, index)
+
+    outputs: list[Ref] = []
+    for o in g.output:
+        v = imp.env.get(o.name)
+        if isinstance(v, Ref):
+            outputs.append(v)
+        elif v is not None:
+            problems.append(f"output '{o.name}' is a constant or a shape, not computed from the input")
+    if not outputs and not problems:
+        problems.append("the model has no output computed from its input")
+    if problems:
+        unknown = any(") is not supported" in p for p in problems)
+        raise UnsupportedModelError(f"{label} cannot be converted ({len(problems)} problem(s)):\n  - "
+                                    + "\n  - ".join(problems) + (f"\n{_supported()}" if unknown else ""))
+    imp.b.emit("output", "output", outputs[0] if len(outputs) == 1 else tuple(outputs))
+    graph, values = fold_batch_norms(Graph(imp.b.nodes).validate(), imp.b.values)
+    graph = pool_before_activation(graph).without_unused().validate()
+    return SecureModel(graph, {k: v for k, v in values.items() if k in graph.params})
