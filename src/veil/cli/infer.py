@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     job = InferenceJob(model=args.model, data=args.data, architecture=args.arch, trust_pickle=args.trust_pickle,
                        split=args.split, limit=args.limit, mnist_path=args.mnist_path, batch_size=args.batch_size,
                        reveal=args.reveal, model_owner=args.model_owner, data_owner=args.data_owner,
-                       out=args.out, progress=not args.no_progress)
+                       out=args.out, progress=not args.no_progress,
+                       progress_party=args.data_owner if local else None)
     options = SessionOptions().replace(precision=args.precision)
     try:
         if local:

@@ -179,6 +179,7 @@ class InferenceJob:
     data_owner: str = "alice"
     out: str | None = None
     progress: bool = True
+    progress_party: str | None = None  # only this party draws a bar (all parties in one terminal)
 
 
 def resolve_architecture(spec: str) -> torch.nn.Module:
@@ -224,7 +225,7 @@ def run_job(session: Session, job: InferenceJob) -> dict[str, Any]:
         images, labels = load_images(job.data, split=job.split, limit=job.limit, mnist_path=job.mnist_path)
     result = private_inference(session, model, images, model_owner=job.model_owner, data_owner=job.data_owner,
                                labels=labels, batch_size=job.batch_size, reveal=job.reveal,
-                               progress=job.progress)
+                               progress=job.progress and job.progress_party in (None, me))
     if result.predictions is not None and job.out:
         import io
 

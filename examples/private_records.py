@@ -4,7 +4,7 @@ Bob owns a small neural network (his weights are his secret); alice owns patient
 Alice, bob and a dealer run as three OS processes that talk TLS on loopback. The network runs on
 secret shares; only alice learns the predictions; nobody learns the other's inputs.
 
-    make demo            (or: python examples/demo.py)
+    python examples/private_records.py
 """
 
 from __future__ import annotations
