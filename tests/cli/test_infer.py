@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mpc_testing import free_ports
 
 from veil.cli.main import main as veil_main
 from veil.net.certs import generate_certificates
@@ -75,20 +75,10 @@ def test_bad_arguments_exit_1_with_the_cause(files: dict[str, Path], capsys: pyt
     assert message in capsys.readouterr().err
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_one_party_per_process_each_with_only_its_own_file(files: dict[str, Path], tmp_path: Path) -> None:
     generate_certificates(["alice", "bob", "dealer"], tmp_path / "certs")
     peers = tmp_path / "peers.json"
-    write_peers(peers, dict(zip(("alice", "bob", "dealer"), (("127.0.0.1", p) for p in _free_ports(3)))),
+    write_peers(peers, dict(zip(("alice", "bob", "dealer"), (("127.0.0.1", p) for p in free_ports(3)))),
                 certs_dir=tmp_path / "certs")
     own = {"alice": ["--data", str(files["data"])], "bob": ["--model", str(files["model"]), "--arch", "lenet"],
            "dealer": []}

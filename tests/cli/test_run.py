@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from mpc_testing import free_ports
 
 from veil.cli.main import main as veil_main
 from veil.net.certs import generate_certificates
@@ -21,16 +22,6 @@ def main(session):
     out = (a * b + 1).reveal(to="alice")
     return None if out is None else [round(v, 3) for v in out.tolist()]
 '''
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def test_veil_run_starts_every_party_and_prints_their_results(tmp_path: Path, capsys) -> None:
@@ -52,7 +43,7 @@ def test_one_party_per_process_from_a_peers_file(tmp_path: Path) -> None:
     script = tmp_path / "prog.py"
     script.write_text(SCRIPT)
     generate_certificates(["alice", "bob", "dealer"], tmp_path / "certs")
-    ports = _free_ports(3)
+    ports = free_ports(3)
     peers = tmp_path / "peers.json"
     write_peers(peers, {p: ("127.0.0.1", port) for p, port in zip(("alice", "bob", "dealer"), ports)},
                 certs_dir=tmp_path / "certs")

@@ -11,6 +11,7 @@ References are computed in float64 on the *quantized* inputs (what the owner act
 from __future__ import annotations
 
 import queue
+import socket
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -202,8 +203,8 @@ def run_parties(program: Callable[..., Any], *args: Any, hub: LocalHub | None = 
 
 
 __all__ = ["FRAC_BITS", "PARTIES", "ULP", "Frame", "PartyError", "RecordingHub", "Run", "assert_close",
-           "encodings", "generator", "leaks", "max_abs_err", "quantize", "randn", "run_local", "run_parties",
-           "secure_eval", "uniform"]
+           "encodings", "free_ports", "generator", "leaks", "max_abs_err", "quantize", "randn", "run_local",
+           "run_parties", "secure_eval", "uniform"]
 
 
 # ---- secrets on the wire -------------------------------------------------------------------------
@@ -221,3 +222,14 @@ def leaks(frames: list[Frame], secrets: set[bytes]) -> list[tuple[str, str, int]
             if data[off:off + 8] in secrets:
                 found.append((f.sender, f.receiver, off))
     return found
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` TCP ports free on 127.0.0.1 right now (for peers files of multi-process tests)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

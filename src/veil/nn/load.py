@@ -20,9 +20,7 @@ Every failure (missing, empty, truncated or foreign file, keys or shapes that do
 from __future__ import annotations
 
 import copy
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from veil.files import atomic_writer
 
 if TYPE_CHECKING:
     from veil.nn.model import SecureModel
@@ -94,16 +94,8 @@ def save_state_dict(module_or_state_dict: nn.Module | Mapping[str, torch.Tensor]
     if bad:
         raise TypeError(f"a state_dict maps names to tensors; these entries do not: {bad[:10]}")
     clean = {k: v.detach().cpu() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(clean, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        torch.save(clean, f)
     return path
 
 
