@@ -68,10 +68,15 @@ def main(session: veil.Session, batch: Any, repeats: Any, weights: Any, full: An
                               batch_size=batch, progress=False)
         return {"seconds": [r.seconds], "traffic": r.traffic, "setup": r.setup, "peak_rss_mb": _peak_rss_mb(),
                 "predictions": None if r.predictions is None else r.predictions.tolist()}
-    times, preds, traffic, setup = [], [], {}, {}
     from veil.nn.model import share_model
 
+    times: list[float] = []
+    preds: list[int] = []
+    traffic: dict[str, Any] = {}
+
+    t0 = time.perf_counter()
     net = share_model(session, model, owner="bob")  # once per session; private_inference reuses it below
+    setup = {"seconds": round(time.perf_counter() - t0, 4)}
     for rep in range(repeats):
         part = _batch(rep * batch, batch)
         mine = images[part] if images is not None else None
@@ -79,7 +84,7 @@ def main(session: veil.Session, batch: Any, repeats: Any, weights: Any, full: An
         r = private_inference(session, net, mine, model_owner="bob",
                               data_owner="alice", labels=theirs, batch_size=batch, progress=False)
         times.append(r.seconds)
-        traffic, setup = r.traffic, r.setup
+        traffic = r.traffic
         if r.predictions is not None:
             preds.extend(r.predictions.tolist())
     return {"seconds": times, "traffic": traffic, "setup": setup, "peak_rss_mb": _peak_rss_mb(),
