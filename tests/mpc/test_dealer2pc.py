@@ -30,7 +30,10 @@ SOFTMAX_10_ROUNDS = 40
 
 
 def max_rounds(k: int) -> int:
-    """Tournament over k elements (veil.mpc.nonlinear table)."""
+    """Max over k elements of a small batch (veil.mpc.nonlinear table): pairwise for 5 <= k <= 16,
+    else a tournament."""
+    if 5 <= k <= 16:
+        return 5 + math.ceil(math.log2(k - 1)) + 1
     return 5 * math.ceil(math.log2(k)) if k > 1 else 0
 
 
@@ -142,9 +145,9 @@ def test_where_with_a_secret_condition_is_one_round(costs: dict[str, Any], party
 
 @pytest.mark.parametrize("party", PARTIES)
 @pytest.mark.parametrize("k", [2, 3, 4, 5, 8, 10, 16])
-def test_max_is_a_tournament(costs: dict[str, Any], party: str, k: int) -> None:
-    assert 0 < costs[party][f"max{k}"]["rounds"] <= max_rounds(k)
-    assert 0 < costs[party][f"amax{k}"]["rounds"] <= max_rounds(k)
+def test_max_round_counts(costs: dict[str, Any], party: str, k: int) -> None:
+    assert costs[party][f"max{k}"]["rounds"] == max_rounds(k)
+    assert costs[party][f"amax{k}"]["rounds"] == max_rounds(k)
 
 
 @pytest.mark.parametrize("party", PARTIES)
@@ -197,3 +200,15 @@ def test_large_comparisons_run_in_equal_chunks_with_the_same_results(monkeypatch
     assert torch.equal(out["relu"], x.relu())
     assert torch.equal(out["eq"], (x == 0).double())
     assert out["relu_rounds"] == out["eq_rounds"] == 3 * 5
+
+
+def _row_max_rounds(session: veil.Session, x: torch.Tensor) -> int:
+    s = session.share(x if session.party == "alice" else None, owner="alice")
+    with session.measure() as m:
+        s.amax(-1)
+    return int(m["rounds"])
+
+
+@pytest.mark.parametrize(("rows", "rounds"), [(64, 5 + 4 + 1), (5000, 5 * 4)])
+def test_rows_of_ten_take_the_pairwise_max_when_small_and_the_tournament_when_large(rows: int, rounds: int) -> None:
+    assert run_local(_row_max_rounds, randn(41, rows, 10))["alice"] == rounds

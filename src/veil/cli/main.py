@@ -14,13 +14,14 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from veil.cli import infer, keygen, run
+from veil.cli import infer, keygen, run, share
 
 # --- Registered command modules (add new ones here, in the order `veil --help` lists them) ---------
 COMMANDS: tuple[ModuleType, ...] = (
     keygen,
     run,
     infer,
+    share,
 )
 
 

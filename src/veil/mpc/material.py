@@ -6,6 +6,7 @@ Each recipe runs on the dealer (full values) and on both compute parties (their 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,12 +18,31 @@ from veil.mpc.dealer import recipe
 
 Shape = tuple[int, ...]
 
-BILINEAR_OPS = {
+def conv2d_weight(x: torch.Tensor, grad: torch.Tensor, *, weight_shape: Sequence[int], stride: Any = 1,
+                  padding: Any = 0, dilation: Any = 1, groups: int = 1) -> torch.Tensor:
+    """The gradient of ``F.conv2d(x, w, ...)`` with respect to ``w`` (shape ``weight_shape``) given the
+    output gradient ``grad``: bilinear in ``(x, grad)``, and written as one convolution per group so
+    that it runs on int64 ring tensors (PyTorch's own ``conv2d_weight`` has no integer kernel):
+    ``dW[o, i] = conv2d(x[:, i]^T, grad[:, o]^T, stride=dilation, dilation=stride)`` cropped to the
+    kernel size."""
+    c_out, c_in_g, kh, kw = (int(d) for d in weight_shape)
+    out_g = c_out // groups
+    parts = []
+    for g in range(groups):
+        xg = x[:, g * c_in_g:(g + 1) * c_in_g].transpose(0, 1)  # (C_in/g, N, H, W)
+        dg = grad[:, g * out_g:(g + 1) * out_g].transpose(0, 1)  # (C_out/g, N, OH, OW)
+        w = F.conv2d(xg, dg, padding=padding, stride=dilation, dilation=stride)  # (C_in/g, C_out/g, kh', kw')
+        parts.append(w[:, :, :kh, :kw].transpose(0, 1))
+    return torch.cat(parts, 0)
+
+
+BILINEAR_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "mul": lambda a, b, **kw: a * b,
     "matmul": lambda a, b, **kw: a @ b,
     "conv1d": lambda a, b, **kw: F.conv1d(a, b, **kw),
     "conv2d": lambda a, b, **kw: F.conv2d(a, b, **kw),
     "conv_transpose2d": lambda a, b, **kw: F.conv_transpose2d(a, b, **kw),
+    "conv2d_weight": conv2d_weight,
 }
 
 

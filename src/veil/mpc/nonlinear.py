@@ -11,6 +11,8 @@ relu, abs, sign              ``msb(x)`` with the product ``x * msb(x)`` in the s
                              rounds (``relu = x - x*msb``, ``abs = x - 2 x*msb``)
 max/argmax over ``k``        tournament: ``max(a, b) = a - (a - b) * msb(a - b)``,  5 ceil(log2 k)
                              the index carried along as a second product
+max/argmax, 5 <= k <= 16     pairwise: all k(k-1)/2 comparisons at once, the        5 + ceil(log2(k-1))
+                             winner's bit as a product of k-1 bits (AND tree)       + 1
 max-pool k x k               max over the unfolded windows                          5 ceil(log2 k^2)
 where(c, a, b)               ``b + c * (a - b)`` (one Beaver product)               1
 ============================ ====================================================== ========
@@ -20,6 +22,7 @@ Comparison results are exact (no approximation): a bit in fixed point (0 or 1).
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from typing import Any
 
@@ -119,18 +122,74 @@ def _tournament(vals: torch.Tensor, idx: torch.Tensor | None, proto: Any) -> tup
     return vals[..., 0], None if idx is None else idx[..., 0]
 
 
+PAIRWISE_MIN, PAIRWISE_MAX = 5, 16  # rows of this many elements may take the pairwise max ...
+PAIRWISE_EXTRA = 1 << 15  # ... when it adds at most this many comparisons (one round ~ 4k comparisons)
+
+
+def _pairwise(vals: torch.Tensor, proto: Any, frac_bits: int, index: int,
+              want_index: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Max (and argmax) over the last dimension (k elements) in ``5 + ceil(log2(k - 1)) + 1`` rounds
+    instead of the tournament's ``5 ceil(log2 k)``: all ``k (k - 1) / 2`` comparisons in one sign-bit
+    call; element ``i`` wins when it beats every earlier element strictly and every later one or
+    ties it (the first maximum wins, as in PyTorch); the winners' indicator is the product of those
+    ``k - 1`` bits (a tree of integer Beaver products, exact), and the max is ``sum_i win_i x_i``."""
+    k = vals.shape[-1]
+    ii, jj = torch.triu_indices(k, k, 1, device=vals.device)
+    bits, _ = proto.msb(vals[..., ii] - vals[..., jj])  # [x_i < x_j] for i < j
+    one = torch.ones((), dtype=torch.int64, device=vals.device) if index == 0 else torch.zeros(
+        (), dtype=torch.int64, device=vals.device)
+    # factors[..., i, :] = the k - 1 bits element i needs: [x_j < x_i] for j < i, [x_i >= x_j] for j > i
+    pos = {(int(a), int(b)): n for n, (a, b) in enumerate(zip(ii.tolist(), jj.tolist()))}
+    cols = []
+    for i in range(k):
+        row = []
+        for j in range(k):
+            if j == i:
+                continue
+            n = pos[(j, i)] if j < i else pos[(i, j)]
+            row.append((n, j < i))
+        cols.append(row)
+    gather = torch.tensor([[n for n, _ in row] for row in cols], device=vals.device)
+    later = torch.tensor([[not earlier for _, earlier in row] for row in cols], device=vals.device)
+    f = bits[..., gather]  # (..., k, k - 1)
+    f = torch.where(later, one - f, f)
+    while f.shape[-1] > 1:  # AND tree: one round per level, all elements together
+        m = f.shape[-1]
+        even = m - (m % 2)
+        prod = proto.bilinear(f[..., 0:even:2].contiguous(), f[..., 1:even:2].contiguous(), "mul", {})
+        f = torch.cat([prod, f[..., even:]], -1) if m % 2 else prod
+    win = f[..., 0]  # (..., k) integer 0/1 shares, exactly one 1 per row
+    best = proto.bilinear(win, vals, "mul", {}).sum(-1)
+    idx = None
+    if want_index:
+        ar = torch.arange(k, dtype=torch.int64, device=vals.device) << frac_bits
+        idx = (win * ar).sum(-1)
+    return best, idx
+
+
+def _row_max(vals: torch.Tensor, x: SecretTensor, want_index: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Max over the last dimension, by the cheaper of the tournament and the pairwise protocol: the
+    pairwise one saves rounds and costs ``(k - 1)(k - 2) / 2`` more comparisons per row, worth it
+    while the batch is small (latency-bound), not for large ones (bandwidth-bound)."""
+    k = vals.shape[-1]
+    rows = vals.numel() // builtins.max(k, 1)
+    if PAIRWISE_MIN <= k <= PAIRWISE_MAX and rows * (k - 1) * (k - 2) // 2 <= PAIRWISE_EXTRA:
+        return _pairwise(vals, x.protocol, x.frac_bits, x.session.index, want_index)
+    idx = None
+    if want_index:
+        ar = torch.arange(k, dtype=torch.int64, device=x.device) << x.frac_bits
+        idx = ar.expand_as(vals).clone() if x.session.index == 0 else torch.zeros_like(vals)
+    return _tournament(vals, idx, x.protocol)
+
+
 def max(x: SecretTensor, dim: int | None = None, keepdim: bool = False) -> Any:
     """Maximum over ``dim`` (all elements when None). With ``dim``, returns ``(values, indices)`` like
     ``torch.max``: indices are secret (fixed-point integers), the first maximum wins ties."""
     if dim is None:
-        vals, _ = _tournament(x.share.reshape(-1), None, x.protocol)
+        vals, _ = _row_max(x.share.reshape(-1), x, False)
         return x._new(vals)
     d = dim % x.dim()
-    moved = x.share.movedim(d, -1)
-    n = moved.shape[-1]
-    ar = torch.arange(n, dtype=torch.int64, device=x.device) << x.frac_bits
-    idx = ar.expand_as(moved).clone() if x.session.index == 0 else torch.zeros_like(moved)
-    vals, ids = _tournament(moved, idx, x.protocol)
+    vals, ids = _row_max(x.share.movedim(d, -1), x, True)
     assert ids is not None
     if keepdim:
         vals, ids = vals.unsqueeze(d), ids.unsqueeze(d)
@@ -140,7 +199,7 @@ def max(x: SecretTensor, dim: int | None = None, keepdim: bool = False) -> Any:
 def amax(x: SecretTensor, dim: int, keepdim: bool = False) -> SecretTensor:
     """Maximum values over ``dim`` (no indices: cheaper than :func:`max`)."""
     d = dim % x.dim()
-    vals, _ = _tournament(x.share.movedim(d, -1), None, x.protocol)
+    vals, _ = _row_max(x.share.movedim(d, -1), x, False)
     return x._new(vals.unsqueeze(d) if keepdim else vals)
 
 
@@ -180,10 +239,10 @@ def _windows(x: SecretTensor, kernel: Any, stride: Any, padding: Any, fill: int)
 
 
 def max_pool2d(x: SecretTensor, kernel_size: Any, stride: Any = None, padding: Any = 0) -> SecretTensor:
-    """``F.max_pool2d``: tournament over each window."""
+    """``F.max_pool2d``: the max of each window (tournament, or pairwise for small batches)."""
     lowest = -(1 << 62) + 1
     win = _windows(x, kernel_size, stride, padding, lowest)
-    vals, _ = _tournament(win, None, x.protocol)
+    vals, _ = _row_max(win, x, False)
     return x._new(vals)
 
 

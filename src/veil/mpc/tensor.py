@@ -25,7 +25,7 @@ def _is_integral(v: Any) -> bool:
 
 
 class SecretTensor:
-    __slots__ = ("dtype", "owner", "session", "share")
+    __slots__ = ("dtype", "grad_fn", "owner", "session", "share")
     __hash__ = object.__hash__
 
     def __init__(self, share: torch.Tensor, session: Session, *, dtype: torch.dtype = torch.float32,
@@ -36,6 +36,7 @@ class SecretTensor:
         self.session = session
         self.dtype = dtype
         self.owner = owner
+        self.grad_fn: Any = None  # set by veil.nn on a training forward's output: how to run backward
 
     # ---- bookkeeping -----------------------------------------------------------------------
     def _new(self, share: torch.Tensor) -> SecretTensor:
@@ -173,6 +174,18 @@ class SecretTensor:
             out = out + (bias.reshape(1, -1, 1, 1) if isinstance(bias, SecretTensor)
                          else torch.as_tensor(bias).reshape(1, -1, 1, 1))
         return out
+
+    def conv_transpose2d(self, weight: Any, stride: Any = 1, padding: Any = 0, output_padding: Any = 0,
+                         groups: int = 1, dilation: Any = 1) -> SecretTensor:
+        """``F.conv_transpose2d`` (no bias) with a secret input and a secret or public weight."""
+        return self._bilinear(weight, "conv_transpose2d", stride=stride, padding=padding,
+                              output_padding=output_padding, groups=groups, dilation=dilation)
+
+    def conv2d_weight(self, grad: Any, weight_shape: Sequence[int], stride: Any = 1, padding: Any = 0,
+                      dilation: Any = 1, groups: int = 1) -> SecretTensor:
+        """Gradient of ``conv2d(self, w, ...)`` with respect to ``w``, given the output gradient."""
+        return self._bilinear(grad, "conv2d_weight", weight_shape=list(weight_shape), stride=stride,
+                              padding=padding, dilation=dilation, groups=groups)
 
     # ---- reductions --------------------------------------------------------------------------
     def sum(self, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> SecretTensor:

@@ -39,6 +39,7 @@ class _Builder:
     nodes: list[Node] = field(default_factory=list)
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    training: bool = False
 
     def name(self, base: str) -> str:
         return unique_name(base.replace(".", "_"), (n.name for n in self.nodes))
@@ -48,10 +49,14 @@ class _Builder:
         self.nodes.append(Node(name, op, tuple(args), dict(attrs)))
         return Ref(name)
 
-    def param(self, base: str, value: torch.Tensor) -> Ref:
+    def param(self, base: str, value: torch.Tensor, *, key: str | None = None) -> Ref:
+        """A parameter node; ``key`` is its name in the module's ``state_dict`` (None if derived)."""
         name = self.name(base)
         value = value.detach().to("cpu", torch.float32).clone()
-        self.nodes.append(Node(name, "param", (), {"shape": list(value.shape)}))
+        attrs: dict[str, Any] = {"shape": list(value.shape)}
+        if key is not None:
+            attrs["key"] = key
+        self.nodes.append(Node(name, "param", (), attrs))
         self.values[name] = value
         return Ref(name)
 
@@ -76,8 +81,8 @@ def converts_module(*types: type) -> Callable[[ModuleConverter], ModuleConverter
 
 @converts_module(nn.Linear)
 def _linear(b: _Builder, name: str, m: nn.Linear, args: list[Any]) -> Ref:
-    w = b.param(f"{name}.weight", m.weight)
-    bias = b.param(f"{name}.bias", m.bias) if m.bias is not None else None
+    w = b.param(f"{name}.weight", m.weight, key=f"{name}.weight")
+    bias = b.param(f"{name}.bias", m.bias, key=f"{name}.bias") if m.bias is not None else None
     return b.emit(name, "linear", args[0], w, bias)
 
 
@@ -87,8 +92,8 @@ def _conv2d(b: _Builder, name: str, m: nn.Conv2d, args: list[Any]) -> Ref | None
         b.problems.append(f"{name}: Conv2d with padding_mode={m.padding_mode!r}: only zero padding is "
                           f"supported; pad explicitly or use padding_mode='zeros'")
         return None
-    w = b.param(f"{name}.weight", m.weight)
-    bias = b.param(f"{name}.bias", m.bias) if m.bias is not None else None
+    w = b.param(f"{name}.weight", m.weight, key=f"{name}.weight")
+    bias = b.param(f"{name}.bias", m.bias, key=f"{name}.bias") if m.bias is not None else None
     padding = m.padding if isinstance(m.padding, str) else _pair(m.padding)
     return b.emit(name, "conv2d", args[0], w, bias, stride=_pair(m.stride), padding=padding,
                   dilation=_pair(m.dilation), groups=m.groups)
@@ -96,6 +101,11 @@ def _conv2d(b: _Builder, name: str, m: nn.Conv2d, args: list[Any]) -> Ref | None
 
 @converts_module(nn.BatchNorm1d, nn.BatchNorm2d)
 def _batch_norm(b: _Builder, name: str, m: nn.modules.batchnorm._BatchNorm, args: list[Any]) -> Ref | None:
+    if b.training:
+        b.problems.append(f"{name}: {type(m).__name__} cannot be trained on shares yet (its batch statistics "
+                          f"need a secret inverse square root per batch); train without it, or train in "
+                          f"plaintext and run inference with it (it is folded then)")
+        return None
     if m.running_mean is None or m.running_var is None:
         b.problems.append(f"{name}: {type(m).__name__} without running statistics "
                           f"(track_running_stats=False) has no inference form; train with running stats")
@@ -349,10 +359,12 @@ def _describe(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
     return f"{node.op} {target}"
 
 
-def from_fx(module: nn.Module) -> tuple[Graph, dict[str, torch.Tensor]]:
-    """Trace ``module`` (in eval semantics) into a graph and its parameter values."""
+def from_fx(module: nn.Module, *, training: bool = False) -> tuple[Graph, dict[str, torch.Tensor]]:
+    """Trace ``module`` (in eval semantics) into a graph and its parameter values. ``training=True``
+    keeps every parameter as it is in the module (no folding) and refuses layers that cannot be
+    trained on shares."""
     gm = _trace(module)
-    b = _Builder()
+    b = _Builder(training=training)
     env: dict[str, Any] = {}
 
     def arg(v: Any) -> Any:
@@ -373,7 +385,7 @@ def from_fx(module: nn.Module) -> tuple[Graph, dict[str, torch.Tensor]]:
         elif node.op == "get_attr":
             value = _attr(gm, str(node.target))
             if isinstance(value, torch.Tensor):
-                out = b.param(str(node.target), value)
+                out = b.param(str(node.target), value, key=str(node.target))
             else:
                 b.problems.append(f"node '{node.name}' ({what}): attribute of type {type(value).__name__}")
         elif node.op == "call_module":
@@ -410,20 +422,22 @@ def from_fx(module: nn.Module) -> tuple[Graph, dict[str, torch.Tensor]]:
             f"{type(module).__name__} cannot be converted ({len(b.problems)} problem(s)):\n  - "
             + "\n  - ".join(b.problems))
     graph = Graph(b.nodes).validate()
-    graph, values = fold_batch_norms(graph, b.values)
+    graph, values = (graph, b.values) if training else fold_batch_norms(graph, b.values)
     graph = pool_before_activation(graph)
     return graph.without_unused().validate(), {k: v for k, v in values.items() if k in graph.params}
 
 
-def from_torch(module: nn.Module) -> SecureModel:
+def from_torch(module: nn.Module, *, training: bool = False) -> SecureModel:
     """Convert ``module`` into a :class:`~veil.nn.model.SecureModel` with its (plaintext) parameters,
-    ready to be shared by its owner. Inference semantics: BatchNorm uses its running statistics and
-    Dropout is the identity, whatever ``module.training`` says."""
+    ready to be shared by its owner. Inference semantics by default: BatchNorm uses its running
+    statistics (folded into the preceding layer) and Dropout is the identity, whatever
+    ``module.training`` says. ``training=True``: for private training (parameters kept one for one
+    with the module's ``state_dict``; BatchNorm refused; Dropout still the identity)."""
     from veil.nn.model import SecureModel
 
     if not isinstance(module, nn.Module):
         raise TypeError(f"from_torch needs a torch.nn.Module, got {type(module).__name__}")
-    graph, values = from_fx(module)
+    graph, values = from_fx(module, training=training)
     return SecureModel(graph, values)
 
 

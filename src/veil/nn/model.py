@@ -13,7 +13,7 @@ parameter shapes, never a parameter value.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +24,7 @@ from veil.nn.ops import IMPLEMENTATIONS
 
 if TYPE_CHECKING:
     from veil.mpc.session import Session
+    from veil.nn.optim import Parameter
 
 Value = torch.Tensor | SecretTensor
 
@@ -43,6 +44,8 @@ class SecureModel:
                 raise GraphError(f"parameter {name!r} has shape {tuple(params[name].shape)}, the graph says {shape}")
         self.graph = graph
         self.params = dict(params)
+        self.grads: dict[str, SecretTensor] = {}
+        self.training = False
         self._last_use = _last_uses(graph)
 
     @property
@@ -53,6 +56,10 @@ class SecureModel:
         return self.forward(*inputs)
 
     def forward(self, *inputs: Any) -> Any:
+        if self.training and self.shared:
+            from veil.nn.autodiff import forward
+
+            return forward(self, *inputs)[0]
         names = self.graph.inputs
         if len(inputs) != len(names):
             raise TypeError(f"the model takes {len(names)} input(s) ({names}), got {len(inputs)}")
@@ -78,6 +85,55 @@ class SecureModel:
                 if name not in self.params:
                     env.pop(name, None)
         raise GraphError("graph without output")  # validate() prevents this
+
+    # ---- training ------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> SecureModel:
+        """Training mode: forward passes keep what the backward pass needs (see veil.nn.autodiff)."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> SecureModel:
+        return self.train(False)
+
+    def parameters(self) -> list[Parameter]:
+        """The parameters as torch-style handles (``.data``, ``.grad``) for the optimizers."""
+        from veil.nn.optim import Parameter
+
+        return [Parameter(self, name) for name in self.graph.params]
+
+    def named_parameters(self) -> list[tuple[str, Parameter]]:
+        return [(p.name, p) for p in self.parameters()]
+
+    def accumulate_grads(self, grads: Mapping[str, SecretTensor]) -> None:
+        for name, g in grads.items():
+            self.grads[name] = g if name not in self.grads else self.grads[name] + g
+
+    def zero_grad(self) -> None:
+        self.grads.clear()
+
+    def reveal_state_dict(self, *, to: str | Sequence[str]) -> dict[str, torch.Tensor] | None:
+        """Open the parameters to the named parties, keyed as the original module's ``state_dict``
+        (parameters without a module key, e.g. folded ones, keep their graph names). The other
+        parties get None. One round for all parameters."""
+        if not self.shared:
+            raise ValueError("the parameters are not secret-shared: use state_dict()")
+        names = list(self.graph.params)
+        if not names:
+            return {}
+        from veil.mpc.tensor import cat
+
+        flat = cat([self.params[n].reshape(-1) for n in names])  # type: ignore[misc]
+        opened = flat.reveal(to=to)
+        if opened is None:
+            return None
+        out, off = {}, 0
+        for n in names:
+            node = self.graph.node(n)
+            shape = tuple(node.attrs["shape"])
+            size = math.prod(shape)
+            out[node.attrs.get("key", n)] = opened[off:off + size].reshape(shape).float()
+            off += size
+        return out
 
     def share(self, session: Session, *, owner: str) -> SecureModel:
         """Secret-share this model from ``owner`` (see :func:`share_model`)."""
@@ -110,11 +166,13 @@ def _last_uses(graph: Graph) -> dict[int, list[str]]:
 
 
 def share_model(session: Session, model: SecureModel | torch.nn.Module | None, *, owner: str,
-                expect: Graph | None = None) -> SecureModel:
+                expect: Graph | None = None, training: bool = False) -> SecureModel:
     """Secret-share a model held by ``owner``; the other compute party passes ``None``.
 
     The owner sends the graph (public architecture) and shares every parameter. The other party may
-    pass ``expect`` (an architecture it agreed to run): a different graph is refused.
+    pass ``expect`` (an architecture it agreed to run): a different graph is refused. ``training``:
+    convert a torch module for training (``from_torch(module, training=True)``) and return the shared
+    model in training mode.
     """
     from veil.net.transport import PartyError
     from veil.nn.convert import from_torch
@@ -125,7 +183,7 @@ def share_model(session: Session, model: SecureModel | torch.nn.Module | None, *
         if model is None:
             raise ValueError(f"{session.party} owns the model but passed none")
         if isinstance(model, torch.nn.Module):
-            model = from_torch(model)
+            model = from_torch(model, training=training)
         if model.shared:
             raise ValueError("this model is already secret-shared")
         graph = model.graph
@@ -151,4 +209,4 @@ def share_model(session: Session, model: SecureModel | torch.nn.Module | None, *
         n = math.prod(shape)
         params[name] = shared[off:off + n].reshape(tuple(shape))
         off += n
-    return SecureModel(graph, params)
+    return SecureModel(graph, params).train(training)

@@ -59,6 +59,9 @@ def fold_batch_norms(graph: Graph, values: dict[str, torch.Tensor]) -> tuple[Gra
             values[name] = new_b
         else:
             values[b_ref.name] = new_b
+        for ref in (w_ref, b_ref):  # folded values are no longer the module's state_dict entries
+            if ref is not None:
+                graph.node(ref.name).attrs.pop("key", None)
         _replace_uses(graph, bn.name, Ref(src.name))
         graph.nodes.remove(bn)
     return graph.without_unused(), values

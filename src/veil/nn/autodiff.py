@@ -1,0 +1,499 @@
+"""Reverse-mode differentiation of a graph on shares: gradients stay secret.
+
+A training forward (:func:`forward`) runs each node like inference and keeps what its backward pass
+needs (its operands, the comparison bits of a ReLU or a max-pool, a sigmoid's output...) on a
+:class:`Tape`. :func:`backward` walks the tape in reverse from a gradient of the output and returns
+the secret gradient of every parameter. Backward rules sit in :data:`BACKWARD`, one per op, beside
+the forward rules that need context (:data:`FORWARD`).
+
+Costs of the backward passes (2-party + dealer protocol): Linear, Conv2d and secret products one
+Beaver round per product (input and weight gradients); ReLU one round (the gradient times the saved
+sign bit, an integer share: no truncation); a max-pool one round per tournament level, routing the
+gradient down to the winners; sigmoid and tanh two rounds; softmax two; shape ops, sums, average
+pooling and adding are local.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from veil.mpc.tensor import SecretTensor
+from veil.nn.graph import Node, Ref
+from veil.nn.ops import IMPLEMENTATIONS, is_secret
+
+if TYPE_CHECKING:
+    from veil.nn.model import SecureModel
+
+Ctx = dict[str, Any]
+Forward = Callable[..., tuple[Any, Ctx]]
+Backward = Callable[..., tuple[Any, ...]]
+FORWARD: dict[str, Forward] = {}
+BACKWARD: dict[str, Backward] = {}
+NO_GRAD_OPS = frozenset({"size", "getitem", "input", "param", "output"})
+
+
+class UnsupportedGradientError(ValueError):
+    """An op (or operand combination) whose gradient Veil cannot compute on shares."""
+
+
+def forward_rule(op: str) -> Callable[[Forward], Forward]:
+    def deco(fn: Forward) -> Forward:
+        FORWARD[op] = fn
+        return fn
+
+    return deco
+
+
+def backward_rule(*ops: str) -> Callable[[Backward], Backward]:
+    def deco(fn: Backward) -> Backward:
+        for op in ops:
+            BACKWARD[op] = fn
+        return fn
+
+    return deco
+
+
+@dataclass
+class Tape:
+    """What a training forward kept: per node its context and its output."""
+
+    model: SecureModel
+    ctx: dict[str, Ctx] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    output: str = ""
+
+
+def _value(env: dict[str, Any], v: Any) -> Any:
+    if isinstance(v, Ref):
+        return env[v.name]
+    if isinstance(v, (tuple, list)):
+        return type(v)(_value(env, x) for x in v)
+    return v
+
+
+def forward(model: SecureModel, *inputs: Any) -> tuple[Any, Tape]:
+    """Run ``model`` keeping what backward needs; the output carries the tape as ``grad_fn``."""
+    graph = model.graph
+    env: dict[str, Any] = dict(zip(graph.inputs, inputs))
+    tape = Tape(model)
+    for node in graph.nodes:
+        if node.op == "input":
+            continue
+        if node.op == "param":
+            env[node.name] = model.params[node.name]
+            continue
+        if node.op == "output":
+            out_ref = node.args[0]
+            if not isinstance(out_ref, Ref):
+                raise UnsupportedGradientError("training needs a model with a single tensor output")
+            tape.output = out_ref.name
+            out = env[out_ref.name]
+            if isinstance(out, SecretTensor):
+                out.grad_fn = tape
+            return out, tape
+        args, attrs = _value(env, node.args), _value(env, node.attrs)
+        rule = FORWARD.get(node.op)
+        if rule is not None:
+            out, ctx = rule(*args, **attrs)
+        else:
+            out, ctx = IMPLEMENTATIONS[node.op](*args, **attrs), {"args": args}
+        env[node.name] = out
+        tape.ctx[node.name] = ctx
+        tape.values[node.name] = out
+    raise UnsupportedGradientError("graph without output")
+
+
+def _requires_grad(tape: Tape) -> set[str]:
+    """Nodes whose value depends on a parameter (their gradients are needed)."""
+    need: set[str] = set()
+    for n in tape.model.graph.nodes:
+        if n.op == "param" or (n.op not in NO_GRAD_OPS and any(r in need for r in n.refs())):
+            need.add(n.name)
+    return need
+
+
+def _accumulate(grads: dict[str, Any], name: str, g: Any) -> None:
+    grads[name] = g if name not in grads else grads[name] + g
+
+
+def backward(tape: Tape, grad: SecretTensor, *, start: str | None = None) -> dict[str, SecretTensor]:
+    """Gradients of every parameter, given ``grad`` = dLoss/d(value of node ``start``) (default: the
+    output). Returns ``{param name: secret gradient}``."""
+    graph = tape.model.graph
+    need = _requires_grad(tape)
+    grads: dict[str, Any] = {start or tape.output: grad}
+    by_name = {n.name: n for n in graph.nodes}
+    order = [n for n in graph.nodes if n.op not in ("input", "output", "param")]
+    begin = start or tape.output
+    names = [n.name for n in order]
+    if begin not in names:
+        raise UnsupportedGradientError(f"no node {begin!r} to start the backward pass from")
+    for node in reversed(order[:names.index(begin) + 1]):
+        g = grads.pop(node.name, None)
+        if g is None or node.name not in need:
+            continue
+        rule = BACKWARD.get(node.op)
+        if rule is None:
+            raise UnsupportedGradientError(f"node {node.name!r}: no backward pass for op {node.op!r} on shares")
+        wanted = [isinstance(a, Ref) and a.name in need for a in node.args]
+        outs = rule(tape.ctx[node.name], g, wanted, **_value(tape.values | _params(tape), node.attrs))
+        for arg, want, ga in zip(node.args, wanted, outs):
+            if want and ga is not None:
+                _accumulate(grads, arg.name, ga)
+        _cat_list_grads(node, outs, grads, need)
+    return {k: v for k, v in grads.items() if by_name[k].op == "param"}
+
+
+def _params(tape: Tape) -> dict[str, Any]:
+    return dict(tape.model.params)
+
+
+def _cat_list_grads(node: Node, outs: Sequence[Any], grads: dict[str, Any], need: set[str]) -> None:
+    """``cat`` takes a list of tensors as its one operand: spread its gradient parts."""
+    if node.op != "cat" or not node.args or not isinstance(node.args[0], (list, tuple)):
+        return
+    for ref, ga in zip(node.args[0], outs[0] if outs else ()):
+        if isinstance(ref, Ref) and ref.name in need and ga is not None:
+            _accumulate(grads, ref.name, ga)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def times_bit(g: SecretTensor, bit: torch.Tensor) -> SecretTensor:
+    """``g * b`` for a secret 0/1 integer share ``b`` (not fixed point): one Beaver round, no truncation."""
+    return g._new(g.protocol.bilinear(g.share, bit, "mul", {}))
+
+
+def unbroadcast(g: Any, shape: Sequence[int]) -> Any:
+    """Sum ``g`` over the dimensions that broadcasting added to an operand of ``shape``."""
+    shape = tuple(shape)
+    while g.dim() > len(shape):
+        g = g.sum(0)
+    dims = tuple(i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1)
+    return g.sum(dims, keepdim=True) if dims else g
+
+
+def _shape(v: Any) -> tuple[int, ...]:
+    return tuple(v.shape) if hasattr(v, "shape") else ()
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+# ---- linear layers -------------------------------------------------------------------------------
+@backward_rule("linear")
+def _linear_back(ctx: Ctx, g: SecretTensor, want: list[bool]) -> tuple[Any, ...]:
+    x, w = ctx["args"][0], ctx["args"][1]
+    gx = g @ w if want[0] else None
+    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    gw = g2.t() @ x2 if want[1] else None
+    gb = g2.sum(0) if len(want) > 2 and want[2] else None
+    return gx, gw, gb
+
+
+@backward_rule("matmul")
+def _matmul_back(ctx: Ctx, g: SecretTensor, want: list[bool]) -> tuple[Any, ...]:
+    a, b = ctx["args"]
+    if a.dim() < 2 or b.dim() < 2:
+        raise UnsupportedGradientError("matmul backward needs operands with at least two dimensions")
+    ga = unbroadcast(g @ b.transpose(-1, -2), _shape(a)) if want[0] else None
+    gb = unbroadcast(a.transpose(-1, -2) @ g, _shape(b)) if want[1] else None
+    return ga, gb
+
+
+@backward_rule("conv2d")
+def _conv_back(ctx: Ctx, g: SecretTensor, want: list[bool], *, stride: Any = 1, padding: Any = 0,
+               dilation: Any = 1, groups: int = 1) -> tuple[Any, ...]:
+    x, w = ctx["args"][0], ctx["args"][1]
+    if isinstance(padding, str):
+        raise UnsupportedGradientError("conv2d backward with string padding: give explicit padding")
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    kh, kw = w.shape[-2], w.shape[-1]
+    gx = gw = gb = None
+    if want[0]:
+        h, wd = x.shape[-2], x.shape[-1]
+        out_pad = ((h + 2 * ph - dh * (kh - 1) - 1) % sh, (wd + 2 * pw - dw * (kw - 1) - 1) % sw)
+        if not is_secret(g):
+            raise UnsupportedGradientError("conv2d backward needs a secret output gradient")
+        gx = g.conv_transpose2d(w, stride=(sh, sw), padding=(ph, pw), output_padding=out_pad, groups=groups,
+                                dilation=(dh, dw))
+    if want[1]:
+        gw = x.conv2d_weight(g, tuple(w.shape), stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
+                             groups=groups) if is_secret(x) else _public_conv_weight(x, g, w, sh, sw, ph, pw,
+                                                                                     dh, dw, groups)
+    if len(want) > 2 and want[2]:
+        gb = g.sum((0, 2, 3))
+    return gx, gw, gb
+
+
+def _public_conv_weight(x: torch.Tensor, g: SecretTensor, w: Any, *conv: int) -> SecretTensor:
+    raise UnsupportedGradientError("training a first convolution on a public input: share the input")
+
+
+# ---- activations ---------------------------------------------------------------------------------
+@forward_rule("relu")
+def _relu_fwd(x: Any) -> tuple[Any, Ctx]:
+    if not is_secret(x):
+        return x.relu(), {"mask": (x > 0).to(x.dtype)}
+    bit, (xb,) = x.protocol.msb(x.share, [x.share])
+    return x._new(x.share - xb), {"bit": bit}
+
+
+@backward_rule("relu")
+def _relu_back(ctx: Ctx, g: Any, want: list[bool]) -> tuple[Any, ...]:
+    if "mask" in ctx:
+        return (g * ctx["mask"],)
+    return (g - times_bit(g, ctx["bit"]),)  # d relu = 1 - [x < 0]
+
+
+@forward_rule("sigmoid")
+def _sigmoid_fwd(x: Any) -> tuple[Any, Ctx]:
+    y = x.sigmoid()
+    return y, {"y": y}
+
+
+@backward_rule("sigmoid")
+def _sigmoid_back(ctx: Ctx, g: Any, want: list[bool]) -> tuple[Any, ...]:
+    y = ctx["y"]
+    return (g * (y - y.square() if is_secret(y) else y * (1 - y)),)
+
+
+@forward_rule("tanh")
+def _tanh_fwd(x: Any) -> tuple[Any, Ctx]:
+    y = x.tanh()
+    return y, {"y": y}
+
+
+@backward_rule("tanh")
+def _tanh_back(ctx: Ctx, g: Any, want: list[bool]) -> tuple[Any, ...]:
+    y = ctx["y"]
+    return (g * (1 - (y.square() if is_secret(y) else y * y)),)
+
+
+@forward_rule("softmax")
+def _softmax_fwd(x: Any, *, dim: int) -> tuple[Any, Ctx]:
+    y = x.softmax(dim)
+    return y, {"y": y}
+
+
+@backward_rule("softmax")
+def _softmax_back(ctx: Ctx, g: Any, want: list[bool], *, dim: int) -> tuple[Any, ...]:
+    y = ctx["y"]
+    return (y * (g - (g * y).sum(dim, keepdim=True)),)
+
+
+@forward_rule("log_softmax")
+def _log_softmax_fwd(x: Any, *, dim: int) -> tuple[Any, Ctx]:
+    y = IMPLEMENTATIONS["log_softmax"](x, dim=dim)
+    return y, {"y": y}
+
+
+@backward_rule("log_softmax")
+def _log_softmax_back(ctx: Ctx, g: Any, want: list[bool], *, dim: int) -> tuple[Any, ...]:
+    p = ctx["y"].exp()
+    return (g - p * g.sum(dim, keepdim=True),)
+
+
+# ---- pooling -------------------------------------------------------------------------------------
+def _window_view(x: Any, kernel: Any, stride: Any, padding: Any, fill: float) -> tuple[Any, tuple]:
+    """Windows of ``x`` as the last dimension (shares or plaintext), and the geometry to fold back."""
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(kernel if stride is None else stride)
+    ph, pw = _pair(padding)
+    geometry = (tuple(x.shape), kh, kw, sh, sw, ph, pw)
+    return x, geometry
+
+
+def fold_windows(gw: Any, geometry: tuple) -> Any:
+    """Scatter-add per-window gradients ``(..., OH, OW, kh*kw)`` back to the input's positions (the
+    transpose of unfolding; local on shares)."""
+    shape, kh, kw, sh, sw, ph, pw = geometry
+    secret = is_secret(gw)
+    t = gw.share if secret else gw
+    lead = shape[:-2]
+    h, w = shape[-2] + 2 * ph, shape[-1] + 2 * pw
+    oh, ow = t.shape[-3], t.shape[-2]
+    out = torch.zeros((*lead, h, w), dtype=t.dtype, device=t.device)
+    t = t.reshape(*lead, oh, ow, kh, kw)
+    for i in range(kh):
+        for j in range(kw):
+            out[..., i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += t[..., i, j]
+    out = out[..., ph:ph + shape[-2], pw:pw + shape[-1]]
+    return gw._new(out) if secret else out
+
+
+@forward_rule("max_pool2d")
+def _max_pool_fwd(x: Any, *, kernel_size: Any, stride: Any = None, padding: Any = 0) -> tuple[Any, Ctx]:
+    _, geometry = _window_view(x, kernel_size, stride, padding, 0.0)
+    if not is_secret(x):
+        out, idx = torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, return_indices=True)
+        return out, {"geometry": geometry, "indices": idx}
+    from veil.mpc.nonlinear import _windows
+
+    win = _windows(x, kernel_size, stride, padding, -(1 << 62) + 1)
+    vals, levels = win, []
+    proto = x.protocol
+    while vals.shape[-1] > 1:
+        k = vals.shape[-1]
+        even = k - (k % 2)
+        a, b = vals[..., 0:even:2], vals[..., 1:even:2]
+        bit, (prod,) = proto.msb(a - b, [a - b])  # bit = [a < b]: b wins
+        new = a - prod
+        if k % 2:
+            new = torch.cat([new, vals[..., -1:]], -1)
+        levels.append((bit, k))
+        vals = new
+    return x._new(vals[..., 0]), {"geometry": geometry, "levels": levels}
+
+
+@backward_rule("max_pool2d")
+def _max_pool_back(ctx: Ctx, g: Any, want: list[bool], **_: Any) -> tuple[Any, ...]:
+    geometry = ctx["geometry"]
+    if "indices" in ctx:
+        shape = geometry[0]
+        flat = torch.zeros(shape, dtype=g.dtype).flatten(-2)
+        flat.scatter_add_(-1, ctx["indices"].flatten(-2), g.flatten(-2))
+        return (flat.reshape(shape),)
+    cur = g.unsqueeze(-1)  # gradient of the winners of the last level
+    for bit, k in reversed(ctx["levels"]):
+        even = k - (k % 2)
+        head = cur[..., : even // 2]
+        to_b = times_bit(head, bit)  # b won where bit = 1
+        to_a = head - to_b
+        parts = torch.stack([to_a.share, to_b.share], -1).flatten(-2)
+        if k % 2:
+            parts = torch.cat([parts, cur.share[..., -1:]], -1)
+        cur = g._new(parts)
+    return (fold_windows(cur, geometry),)
+
+
+@backward_rule("avg_pool2d")
+def _avg_pool_back(ctx: Ctx, g: Any, want: list[bool], *, kernel_size: Any, stride: Any = None,
+                   padding: Any = 0) -> tuple[Any, ...]:
+    x = ctx["args"][0]
+    _, geometry = _window_view(x, kernel_size, stride, padding, 0.0)
+    kh, kw = _pair(kernel_size)
+    spread = (g * (1.0 / (kh * kw))).unsqueeze(-1)
+    spread = spread.expand(*spread.shape[:-1], kh * kw).contiguous()
+    return (fold_windows(spread, geometry),)
+
+
+@backward_rule("adaptive_avg_pool2d")
+def _adaptive_back(ctx: Ctx, g: Any, want: list[bool], *, output_size: Any) -> tuple[Any, ...]:
+    from veil.nn.ops import adaptive_matrix, matmul
+
+    x = ctx["args"][0]
+    h, w = x.shape[-2], x.shape[-1]
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    rows, cols = adaptive_matrix(h, oh), adaptive_matrix(w, ow)
+    return (matmul(matmul(rows.t(), g), cols),)
+
+
+# ---- arithmetic ----------------------------------------------------------------------------------
+@backward_rule("add")
+def _add_back(ctx: Ctx, g: Any, want: list[bool]) -> tuple[Any, ...]:
+    a, b = ctx["args"]
+    return (unbroadcast(g, _shape(a)) if want[0] else None, unbroadcast(g, _shape(b)) if want[1] else None)
+
+
+@backward_rule("sub")
+def _sub_back(ctx: Ctx, g: Any, want: list[bool]) -> tuple[Any, ...]:
+    a, b = ctx["args"]
+    return (unbroadcast(g, _shape(a)) if want[0] else None, unbroadcast(-g, _shape(b)) if want[1] else None)
+
+
+@backward_rule("neg")
+def _neg_back(ctx: Ctx, g: Any, want: list[bool]) -> tuple[Any, ...]:
+    return (-g,)
+
+
+@backward_rule("mul")
+def _mul_back(ctx: Ctx, g: Any, want: list[bool]) -> tuple[Any, ...]:
+    from veil.nn.ops import mul
+
+    a, b = ctx["args"]
+    ga = unbroadcast(mul(g, b), _shape(a)) if want[0] else None
+    gb = unbroadcast(mul(g, a), _shape(b)) if want[1] else None
+    return ga, gb
+
+
+@backward_rule("truediv")
+def _div_back(ctx: Ctx, g: Any, want: list[bool]) -> tuple[Any, ...]:
+    a, b = ctx["args"]
+    if want[1] or is_secret(b):
+        raise UnsupportedGradientError("training through a division by a secret is not supported")
+    return (unbroadcast(g * (1.0 / torch.as_tensor(b, dtype=torch.float64)), _shape(a)), None)
+
+
+@backward_rule("sum", "mean")
+def _sum_back(ctx: Ctx, g: Any, want: list[bool], *, dim: Any = None, keepdim: bool = False) -> tuple[Any, ...]:
+    x = ctx["args"][0]
+    shape = _shape(x)
+    dims = tuple(range(len(shape))) if dim is None else ((dim,) if isinstance(dim, int) else tuple(dim))
+    dims = tuple(d % len(shape) for d in dims)
+    if not keepdim:
+        for d in sorted(dims):
+            g = g.unsqueeze(d)
+    g = g.expand(*shape)
+    count = 1
+    for d in dims:
+        count *= shape[d]
+    return (g * (1.0 / count) if ctx.get("mean") else g,)
+
+
+@forward_rule("mean")
+def _mean_fwd(x: Any, *, dim: Any = None, keepdim: bool = False) -> tuple[Any, Ctx]:
+    return IMPLEMENTATIONS["mean"](x, dim=dim, keepdim=keepdim), {"args": (x,), "mean": True}
+
+
+@backward_rule("batch_norm")
+def _bn_back(ctx: Ctx, g: Any, want: list[bool]) -> tuple[Any, ...]:
+    from veil.nn.ops import _channel_view, mul
+
+    x, scale, _shift = ctx["args"]
+    nd = x.dim()
+    gx = mul(g, _channel_view(scale, nd)) if want[0] else None
+    reduce_dims = (0, *range(2, nd))
+    gs = mul(g, x).sum(reduce_dims) if want[1] else None
+    gsh = g.sum(reduce_dims) if want[2] else None
+    return gx, gs, gsh
+
+
+# ---- shape ---------------------------------------------------------------------------------------
+@backward_rule("flatten", "reshape")
+def _reshape_back(ctx: Ctx, g: Any, want: list[bool], **_: Any) -> tuple[Any, ...]:
+    return (g.reshape(*_shape(ctx["args"][0])), None)
+
+
+@backward_rule("transpose")
+def _transpose_back(ctx: Ctx, g: Any, want: list[bool], *, dim0: int, dim1: int) -> tuple[Any, ...]:
+    return (g.transpose(dim0, dim1),)
+
+
+@backward_rule("permute")
+def _permute_back(ctx: Ctx, g: Any, want: list[bool], *, dims: Sequence[int]) -> tuple[Any, ...]:
+    inverse = [0] * len(dims)
+    for i, d in enumerate(dims):
+        inverse[d % len(dims)] = i
+    return (g.permute(*inverse),)
+
+
+@backward_rule("identity")
+def _identity_back(ctx: Ctx, g: Any, want: list[bool]) -> tuple[Any, ...]:
+    return (g,)
+
+
+@backward_rule("cat")
+def _cat_back(ctx: Ctx, g: Any, want: list[bool], *, dim: int = 0) -> tuple[Any, ...]:
+    parts, start = [], 0
+    for t in ctx["args"][0]:
+        n = t.shape[dim]
+        index = [slice(None)] * g.dim()
+        index[dim] = slice(start, start + n)
+        parts.append(g[tuple(index)])
+        start += n
+    return (parts,)
