@@ -4,11 +4,17 @@ directory, ``fsync``, then ``os.replace`` (atomic on POSIX). A crash leaves the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -34,3 +40,107 @@ def write_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`)."""
     with atomic_writer(path, mode) as f:
         f.write(data)
+
+
+# ---- sealed files: magic, version, JSON header, int64 payload, SHA-256 ------------------------------
+SEALED_PREAMBLE = struct.Struct("<8sII")
+SEALED_DIGEST_BYTES = 32
+SEALED_MAX_HEADER_BYTES = 1 << 20
+_LE_INT64 = np.dtype("<i8")
+
+
+def write_sealed(path: str | Path, magic: bytes, version: int, header: dict[str, Any], chunks: Iterable[np.ndarray],
+                 payload_bytes: int) -> None:
+    """Write ``magic | version | H | header (JSON, padded to 8) | int64 chunks | SHA-256`` atomically.
+
+    The layout of share files and checkpoints (their modules state their own header keys):
+    offset 0, 8 bytes magic; 8, uint32 LE version; 12, uint32 LE header length H (a multiple of 8, at
+    most 1 MiB); 16, H bytes of UTF-8 JSON padded with spaces; then ``payload_bytes`` of little-endian
+    int64; then the SHA-256 of everything before it."""
+    path = Path(path)
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    if len(body) > SEALED_MAX_HEADER_BYTES:
+        raise ValueError(f"{path}: the header would take {len(body)} bytes, more than {SEALED_MAX_HEADER_BYTES}")
+    digest = hashlib.sha256()
+    written = 0
+    with atomic_writer(path) as f:
+        for part in (SEALED_PREAMBLE.pack(magic, version, len(body)), body):
+            digest.update(part)
+            f.write(part)
+        for arr in chunks:
+            view = np.ascontiguousarray(arr, dtype=_LE_INT64).data.cast("B")
+            digest.update(view)
+            f.write(view)
+            written += len(view)
+        if written != payload_bytes:
+            raise AssertionError(f"wrote {written} payload bytes, the header says {payload_bytes}")
+        f.write(digest.digest())
+
+
+def _sha256_prefix(f: Any, n: int) -> bytes:
+    digest, buf = hashlib.sha256(), bytearray(1 << 23)
+    view = memoryview(buf)
+    f.seek(0)
+    while n > 0:
+        k = f.readinto(view[:min(n, len(buf))])
+        if not k:
+            break
+        digest.update(view[:k])
+        n -= k
+    return digest.digest()
+
+
+@dataclass(frozen=True)
+class SealedFile:
+    """What :func:`read_sealed` checked: the raw header (None if unreadable, with ``problem``), the
+    payload's offset, the file size and whether the digest matched."""
+
+    header: dict[str, Any] | None
+    problem: str
+    offset: int
+    size: int
+    digest_ok: bool
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.size - self.offset - SEALED_DIGEST_BYTES
+
+
+def read_sealed(path: str | Path, magic: bytes, version: int, *, what: str,
+                error: type[Exception] = ValueError) -> SealedFile:
+    """Check magic, version and size, hash the file once, and parse its JSON header; ``error`` names
+    the file and the problem for what cannot be read at all (the caller judges header and digest)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            size = path.stat().st_size
+            pre = f.read(SEALED_PREAMBLE.size)
+            if len(pre) < SEALED_PREAMBLE.size:
+                raise error(f"{path}: truncated: {size} bytes, less than the {SEALED_PREAMBLE.size}-byte preamble")
+            got_magic, got_version, hlen = SEALED_PREAMBLE.unpack(pre)
+            if got_magic != magic:
+                raise error(f"{path}: not a Veil {what} (magic {got_magic!r}, expected {magic!r})")
+            if got_version != version:
+                raise error(f"{path}: {what} format version {got_version}; this Veil reads version {version} only")
+            if size < SEALED_PREAMBLE.size + SEALED_DIGEST_BYTES:
+                raise error(f"{path}: truncated: {size} bytes, too short for a {what}")
+            ok = _sha256_prefix(f, size - SEALED_DIGEST_BYTES) == f.read(SEALED_DIGEST_BYTES)
+            header, problem = None, ""
+            if hlen % 8 or hlen > SEALED_MAX_HEADER_BYTES or SEALED_PREAMBLE.size + hlen > size - SEALED_DIGEST_BYTES:
+                problem = f"impossible header length {hlen}"
+            else:
+                f.seek(SEALED_PREAMBLE.size)
+                try:
+                    header = json.loads(f.read(hlen).decode())
+                    if not isinstance(header, dict):
+                        header, problem = None, "malformed header: not a JSON object"
+                except (ValueError, UnicodeDecodeError) as e:
+                    problem = f"malformed header: {e}"
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a {what}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what}: {e}") from None
+    return SealedFile(header, problem, SEALED_PREAMBLE.size + hlen, size, ok)

@@ -50,7 +50,6 @@ import json
 import math
 import re
 import secrets
-import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from veil.files import atomic_writer
+from veil.files import SEALED_DIGEST_BYTES, SEALED_PREAMBLE, read_sealed, write_sealed
 from veil.mpc.prg import PRG
 from veil.mpc.tensor import SecretTensor
 from veil.net.transport import PartyError
@@ -70,9 +69,8 @@ if TYPE_CHECKING:
 
 MAGIC = b"VEILSHRS"
 VERSION = 1
-PREAMBLE = struct.Struct("<8sII")
-DIGEST_BYTES = 32
-MAX_HEADER_BYTES = 1 << 20
+DIGEST_BYTES = SEALED_DIGEST_BYTES
+PREAMBLE = SEALED_PREAMBLE
 MAX_ELEMENTS = 1 << 40
 SUFFIX = ".veilshares"
 SPLITS = ("horizontal", "vertical")
@@ -211,75 +209,23 @@ def _range(v: list[Any]) -> tuple[int, int]:
 
 # ---- reading and writing files ------------------------------------------------------------------
 def _write(path: Path, header: ShareHeader, chunks: Iterator[np.ndarray]) -> None:
-    body = json.dumps(header.to_dict(), separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    if len(body) > MAX_HEADER_BYTES:
-        raise ValueError(f"{path}: the header would take {len(body)} bytes, more than {MAX_HEADER_BYTES}")
-    digest = hashlib.sha256()
-    written = 0
-    with atomic_writer(path) as f:
-        for part in (PREAMBLE.pack(MAGIC, VERSION, len(body)), body):
-            digest.update(part)
-            f.write(part)
-        for arr in chunks:
-            view = np.ascontiguousarray(arr, dtype=_LE_INT64).data.cast("B")
-            digest.update(view)
-            f.write(view)
-            written += len(view)
-        if written != header.payload_bytes:
-            raise AssertionError(f"wrote {written} payload bytes, the header says {header.payload_bytes}")
-        f.write(digest.digest())
-
-
-def _sha256_prefix(f: Any, n: int) -> bytes:
-    digest, buf = hashlib.sha256(), bytearray(1 << 23)
-    view = memoryview(buf)
-    f.seek(0)
-    while n > 0:
-        k = f.readinto(view[:min(n, len(buf))])
-        if not k:
-            break
-        digest.update(view[:k])
-        n -= k
-    return digest.digest()
+    write_sealed(path, MAGIC, VERSION, header.to_dict(), chunks, header.payload_bytes)
 
 
 def verify_file(path: str | Path) -> tuple[ShareHeader, int]:
     """Check a share file (magic, version, size, digest: reads it once) and return its header and the
     offset of its payload. Raises :class:`ShareFileError` naming the file and the problem."""
     path = Path(path)
-    try:
-        with path.open("rb") as f:
-            size = path.stat().st_size
-            pre = f.read(PREAMBLE.size)
-            if len(pre) < PREAMBLE.size:
-                raise ShareFileError(f"{path}: truncated: {size} bytes, less than the {PREAMBLE.size}-byte preamble")
-            magic, version, hlen = PREAMBLE.unpack(pre)
-            if magic != MAGIC:
-                raise ShareFileError(f"{path}: not a Veil share file (magic {magic!r}, expected {MAGIC!r})")
-            if version != VERSION:
-                raise ShareFileError(f"{path}: share-file format version {version}; this Veil reads version "
-                                     f"{VERSION} only (upgrade Veil or share the data again)")
-            if size < PREAMBLE.size + DIGEST_BYTES:
-                raise ShareFileError(f"{path}: truncated: {size} bytes, too short for a share file")
-            ok = _sha256_prefix(f, size - DIGEST_BYTES) == f.read(DIGEST_BYTES)
-            header, problem = None, ""
-            if hlen % 8 or hlen > MAX_HEADER_BYTES or PREAMBLE.size + hlen > size - DIGEST_BYTES:
-                problem = f"impossible header length {hlen}"
-            else:
-                f.seek(PREAMBLE.size)
-                try:
-                    header = ShareHeader.from_dict(json.loads(f.read(hlen).decode()))
-                except (ValueError, UnicodeDecodeError) as e:
-                    problem = f"malformed header: {e}"
-    except FileNotFoundError:
-        raise ShareFileError(f"{path}: no such share file") from None
-    except IsADirectoryError:
-        raise ShareFileError(f"{path}: is a directory, not a share file") from None
-    except OSError as e:
-        raise ShareFileError(f"{path}: cannot read the share file: {e}") from None
-    expected = None if header is None else PREAMBLE.size + hlen + header.payload_bytes + DIGEST_BYTES
-    if not ok:
+    sealed = read_sealed(path, MAGIC, VERSION, what="share file", error=ShareFileError)
+    header, problem = None, sealed.problem
+    if sealed.header is not None:
+        try:
+            header = ShareHeader.from_dict(sealed.header)
+        except ValueError as e:
+            problem = f"malformed header: {e}"
+    size = sealed.size
+    expected = None if header is None else sealed.offset + header.payload_bytes + DIGEST_BYTES
+    if not sealed.digest_ok:
         if expected is not None and size < expected:
             raise ShareFileError(f"{path}: truncated: {size} bytes, its header describes {expected}")
         raise ShareFileError(f"{path}: SHA-256 digest mismatch: the file was altered or damaged after it was "
@@ -289,8 +235,8 @@ def verify_file(path: str | Path) -> tuple[ShareHeader, int]:
     if size != expected:
         raise ShareFileError(f"{path}: header/payload size mismatch: the header describes {header.payload_bytes} "
                              f"payload bytes ({', '.join(f'{f.name} {f.shape}' for f in header.fields)}), the file "
-                             f"holds {size - PREAMBLE.size - hlen - DIGEST_BYTES}")
-    return header, PREAMBLE.size + hlen
+                             f"holds {sealed.payload_bytes}")
+    return header, sealed.offset
 
 
 # ---- talking to the peer --------------------------------------------------------------------------

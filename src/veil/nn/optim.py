@@ -142,21 +142,41 @@ class Adam(Optimizer):
         self.lr, self.b1, self.b2, self.eps, self.weight_decay = float(lr), b1, b2, float(eps), float(weight_decay)
         self.scale = ADAM_EPS_SCALED / self.eps  # public gradient scale: eps * scale = 2^-3
 
-    def _update(self, p: Parameter, g: SecretTensor, state: dict[str, Any]) -> SecretTensor:
-        w = p.data
-        if self.weight_decay:
-            g = g + w * self.weight_decay
-        gs = g * self.scale
-        m, v = state.get("exp_avg"), state.get("exp_avg_sq")
-        m = gs * (1 - self.b1) if m is None else m * self.b1 + gs * (1 - self.b1)
-        sq = gs.square() * (1 - self.b2)
-        v = sq if v is None else v * self.b2 + sq
-        state["exp_avg"], state["exp_avg_sq"] = m, v
+    def step(self) -> None:
+        """One update of every parameter with a gradient; the square, the saturation and the inverse
+        square root run once on all parameters together (their rounds do not add up per tensor)."""
+        from veil.mpc.tensor import cat
+
+        self.steps += 1
+        live = [(p, p.grad) for p in self.params if p.grad is not None]
+        if not live:
+            return
+        gs = []
+        for p, g in live:
+            if self.weight_decay:
+                g = g + p.data * self.weight_decay
+            gs.append((g * self.scale).reshape(-1))
+        flat_g = cat(gs)
+        sq = flat_g.square() * (1 - self.b2)
         t = self.steps
-        m_hat = m * (1.0 / (1 - self.b1**t))
-        v_hat = v * (1.0 / (1 - self.b2**t)) + ADAM_EPS_SCALED**2
-        m_hat, denom = adam_ratio_parts(m_hat, v_hat)
-        return w - (m_hat * denom) * self.lr
+        m_hats, v_hats, off = [], [], 0
+        for (p, _), g in zip(live, gs):
+            n = g.numel()
+            state = self.state[p.name]
+            m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+            m = g * (1 - self.b1) if m is None else m * self.b1 + g * (1 - self.b1)
+            v = sq[off:off + n] if v is None else v * self.b2 + sq[off:off + n]
+            state["exp_avg"], state["exp_avg_sq"] = m, v
+            m_hats.append(m * (1.0 / (1 - self.b1**t)))
+            v_hats.append(v * (1.0 / (1 - self.b2**t)) + ADAM_EPS_SCALED**2)
+            off += n
+        m_hat, denom = adam_ratio_parts(cat(m_hats), cat(v_hats))
+        update = (m_hat * denom) * self.lr
+        off = 0
+        for p, _ in live:
+            n = p.data.numel()
+            p.data = p.data - update[off:off + n].reshape(p.shape)
+            off += n
 
 
 def adam_ratio_parts(m: SecretTensor, v: SecretTensor) -> tuple[SecretTensor, SecretTensor]:
