@@ -7,13 +7,13 @@
     veil.nn.private_inference(session, model or None, images or None, model_owner="bob", data_owner="alice")
 """
 
+from veil.nn import losses, optim
 from veil.nn.convert import UnsupportedModelError, from_torch
 from veil.nn.graph import Graph, GraphError
-from veil.nn import losses, optim
 from veil.nn.infer import InferenceResult, private_inference
 from veil.nn.load import ModelFileError, load_model, save_state_dict
-from veil.nn.model import SecureModel, share_model
 from veil.nn.losses import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, MSELoss, NLLLoss
+from veil.nn.model import SecureModel, share_model
 from veil.nn.onnx import from_onnx
 from veil.nn.train import History, TensorDataset, evaluate, fit, plot_history
 
