@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from veil.cli import infer, keygen, run, share
+from veil.cli import infer, keygen, run, share, train
 
 # --- Registered command modules (add new ones here, in the order `veil --help` lists them) ---------
 COMMANDS: tuple[ModuleType, ...] = (
@@ -22,6 +22,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     run,
     infer,
     share,
+    train,
 )
 
 

@@ -146,6 +146,15 @@ def fit(session: Session, model: SecureModel, data: Any, *, epochs: int, batch_s
         raise ValueError("resume needs a checkpoint_dir")
     if isinstance(loss_fn, CLASSIFICATION_LOSSES) and classes is None:
         classes = _classes_of(model)
+    from veil.nn.infer import check_input_shape
+
+    for what, d in (("training", data), ("test", test_data)):
+        if d is not None:
+            shape = _x_shape(d)
+            try:
+                check_input_shape(model.graph, (1, *shape[1:]))
+            except ValueError as e:
+                raise ValueError(f"the {what} data (x of shape {tuple(shape)}): {e}") from None
     from veil.data.shares import agree_seed
 
     model.train()
@@ -199,6 +208,13 @@ def fit(session: Session, model: SecureModel, data: Any, *, epochs: int, batch_s
             checkpoint.save(session, checkpoint_dir, model=model, optimizer=optimizer, epoch=epoch, run_id=run_id,
                             extra={"seed": seed.hex(), "run_id": run_id, "history": history.as_dicts()})
     return history
+
+
+def _x_shape(data: Any) -> tuple[int, ...]:
+    shapes = getattr(data, "shapes", None)
+    if isinstance(shapes, dict) and "x" in shapes:
+        return tuple(shapes["x"])
+    return tuple(data.x.shape)
 
 
 def _classes_of(model: SecureModel) -> int | None:

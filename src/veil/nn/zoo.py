@@ -39,7 +39,7 @@ from veil.data import mnist as mnist_data
 from veil.files import write_atomic
 from veil.nn.load import save_state_dict
 
-__all__ = ["ARCHITECTURES", "LeNet", "evaluate", "train_lenet", "train_plaintext"]
+__all__ = ["ARCHITECTURES", "MLP", "LeNet", "SmallNet", "evaluate", "train_lenet", "train_plaintext"]
 
 
 class LeNet(nn.Sequential):
@@ -66,7 +66,29 @@ class LeNet(nn.Sequential):
         ]))
 
 
-ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {"lenet": LeNet}
+class MLP(nn.Sequential):
+    """The MLP of the MPC training benchmarks: flattened ``(N, 784)`` MNIST images, 784-128-128-10 with
+    ReLU, to logits."""
+
+    def __init__(self, inputs: int = 784, hidden: int = 128, classes: int = 10) -> None:
+        super().__init__(OrderedDict([
+            ("fc1", nn.Linear(inputs, hidden)), ("relu1", nn.ReLU()),
+            ("fc2", nn.Linear(hidden, hidden)), ("relu2", nn.ReLU()),
+            ("fc3", nn.Linear(hidden, classes)),
+        ]))
+
+
+class SmallNet(nn.Sequential):
+    """The classic private-training example: 3 inputs, 10 hidden ReLU units, 1 sigmoid output."""
+
+    def __init__(self, inputs: int = 3, hidden: int = 10) -> None:
+        super().__init__(OrderedDict([
+            ("fc1", nn.Linear(inputs, hidden)), ("relu", nn.ReLU()),
+            ("fc2", nn.Linear(hidden, 1)), ("sigmoid", nn.Sigmoid()),
+        ]))
+
+
+ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {"lenet": LeNet, "mlp": MLP, "small": SmallNet}
 """The models of this module by lower-case name (``veil infer --arch lenet``): each builds a fresh,
 untrained instance."""
 

@@ -1,0 +1,103 @@
+"""``veil train``: private training on secret-shared data files (see ``veil share``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model on secret-shared data: inputs, labels, model all stay secret",
+        description="Each party reads its own share files (DIR/NAME.PARTY.veilshares, written by `veil share`). "
+                    "The model owner builds the architecture (and may load initial weights), shares it, and "
+                    "the parties train on shares with checkpoints every epoch. The loss and test accuracy are "
+                    "revealed only to --reveal-to, the final weights only to --weights-to. Without --party: all "
+                    "parties on this machine; with --party NAME --peers FILE: one party of a multi-host run.")
+    p.add_argument("--arch", required=True, help="architecture: lenet, mlp, small, or 'package.module:Class'")
+    p.add_argument("--init", metavar="FILE", help="model owner: initial weights (state_dict .pt)")
+    p.add_argument("--model-owner", default="bob", help="party that holds the initial model (default bob)")
+    p.add_argument("--shares", required=True, metavar="DIR", help="directory of the share files")
+    p.add_argument("--name", required=True, help="name of the training data's share files")
+    p.add_argument("--test-name", help="name of the test data's share files (accuracy after each epoch)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--loss", default="ce", choices=["ce", "mse", "bce", "bce-logits", "nll"])
+    p.add_argument("--classes", type=int, help="number of classes when labels are indices (default: the "
+                                                  "model's output width)")
+    p.add_argument("--reveal-to", default="alice,bob", help="parties that see the loss and accuracy ('' for none)")
+    p.add_argument("--weights-to", default="", help="parties that receive the trained weights (e.g. alice)")
+    p.add_argument("--loss-every", type=int, default=20, help="reveal the loss every N batches")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoints of the shares every epoch")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint both parties have")
+    p.add_argument("--out", metavar="FILE.pt", help="where the --weights-to parties save the weights")
+    p.add_argument("--plot", metavar="FILE.png", help="loss and accuracy curves (--reveal-to parties)")
+    p.add_argument("--history", metavar="FILE.json", help="per-epoch figures (--reveal-to parties)")
+    p.add_argument("--party", metavar="NAME", help="run only this party (needs --peers)")
+    p.add_argument("--peers", type=Path, metavar="FILE", help="peers file (JSON): session, certs, addresses")
+    p.add_argument("--precision", type=int, default=16, help="fractional bits of the fixed-point ring")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a peer (default 300)")
+    p.add_argument("--json", action="store_true", help="print each party's summary as one JSON line")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _parties(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _print(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+        return
+    for e in summary["epochs"]:
+        loss = f"loss {e['loss']:.4f}" if e.get("loss") is not None else "loss hidden"
+        acc = f", test accuracy {100 * e['test_accuracy']:.2f}%" if e.get("test_accuracy") is not None else ""
+        print(f"{summary['party']}: epoch {e['epoch']}: {loss}{acc}; {e['seconds']:.1f} s, "
+              f"{e['bytes_with_peer'] / 1e6:.1f} MB with the other party")
+    if "weights" in summary:
+        print(f"{summary['party']}: trained weights saved to {summary['weights']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from veil.mpc.runtime import launch, run_program
+    from veil.mpc.session import SessionOptions
+    from veil.net.transport import PartyError
+    from veil.nn.training_job import TrainingJob, run_training
+
+    if (args.party is None) != (args.peers is None):
+        raise ValueError("--party and --peers go together (one party of a multi-host run)")
+    local = args.party is None
+    job = TrainingJob(arch=args.arch, shares=args.shares, name=args.name, test_name=args.test_name, init=args.init,
+                      model_owner=args.model_owner, epochs=args.epochs, batch_size=args.batch_size,
+                      optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                      loss=args.loss, classes=args.classes, reveal_to=_parties(args.reveal_to),
+                      weights_to=_parties(args.weights_to), loss_every=args.loss_every,
+                      checkpoint_dir=args.checkpoint_dir, resume=args.resume, out=args.out, plot=args.plot,
+                      history=args.history, progress=not args.no_progress,
+                      progress_party=args.model_owner if local else None)
+    job.check()
+    options = SessionOptions().replace(precision=args.precision)
+    try:
+        if local:
+            results = launch(run_training, job, options=options, timeout=args.timeout)
+            for party in results:
+                _print(results[party], args.json)
+        elif args.party != "dealer":
+            _print(run_program(run_training, job, party=args.party, peers_file=args.peers, timeout=args.timeout,
+                               options=options), args.json)
+        else:
+            run_program(run_training, job, party=args.party, peers_file=args.peers, timeout=args.timeout,
+                        options=options)
+    except RuntimeError as e:
+        kind = "a party failed" if isinstance(e, PartyError) else "training failed"
+        print(f"veil train: {kind}:\n{e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,78 @@
+"""`veil share` then `veil train`: all parties on this machine, checkpoints and --resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from veil.cli.main import main as veil_main
+
+ARCH_MODULE = '''
+from torch import nn
+
+
+class DigitNet(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+'''
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("train")
+    (d / "digitnet_for_tests.py").write_text(ARCH_MODULE)
+    sys.path.insert(0, str(d))  # the spawned parties inherit sys.path
+    shares = str(d / "shares")
+    assert veil_main(["share", "--name", "digits", "--out", shares, "--data-alice", "digits", "--rows-alice", "0:600",
+                      "--data-bob", "digits", "--rows-bob", "600:1200", "--flatten"]) == 0
+    assert veil_main(["share", "--name", "test", "--out", shares, "--data-alice", "digits", "--rows-alice",
+                      "1200:1500", "--flatten"]) == 0
+    return d
+
+
+def _train(d: Path, *extra: str) -> int:
+    return veil_main(["train", "--arch", "digitnet_for_tests:DigitNet", "--shares", str(d / "shares"), "--name",
+                      "digits", "--test-name", "test", "--lr", "0.1", "--momentum", "0.9", "--reveal-to", "alice",
+                      "--checkpoint-dir", str(d / "ckpt"), "--json", "--no-progress", *extra])
+
+
+def test_train_then_resume_reveals_to_the_chosen_parties_and_saves_weights(
+        workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _train(workdir, "--epochs", "2") == 0
+    first = {s["party"]: s for s in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert [e["epoch"] for e in first["alice"]["epochs"]] == [1, 2]
+    assert first["alice"]["epochs"][-1]["test_accuracy"] > 0.6
+    assert all(e["test_accuracy"] is None and e["loss"] is None for e in first["bob"]["epochs"])
+    out = workdir / "w.pt"
+    assert _train(workdir, "--epochs", "3", "--resume", "--weights-to", "alice", "--out", str(out),
+                  "--plot", str(workdir / "c.png"), "--history", str(workdir / "h.json")) == 0
+    second = {s["party"]: s for s in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert second["alice"]["resumed_from"] == 2
+    assert [e["epoch"] for e in second["alice"]["epochs"]] == [1, 2, 3]
+    state = torch.load(out, weights_only=True)
+    assert set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert (workdir / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(json.loads((workdir / "h.json").read_text())) == 3
+    assert "weights" not in second["bob"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--out", "w.pt"], "--out needs --weights-to"),
+    (["--arch", "resnet"], "unknown architecture 'resnet'"),
+    (["--name", "nosuch"], "no such share file"),
+])
+def test_bad_arguments_exit_1_with_the_cause(workdir: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                             message: str) -> None:
+    base = ["train", "--arch", "digitnet_for_tests:DigitNet", "--shares", str(workdir / "shares"), "--name", "digits",
+            "--no-progress", "--timeout", "20"]
+    for flag, value in zip(argv[::2], argv[1::2]):
+        if flag in base:
+            base[base.index(flag) + 1] = value
+        else:
+            base += [flag, value]
+    assert veil_main(base) == 1
+    assert message in capsys.readouterr().err
