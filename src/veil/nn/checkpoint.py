@@ -68,7 +68,12 @@ def path_for(directory: Path, epoch: int, party: str) -> Path:
 
 
 def _tensors(model: SecureModel, optimizer: Optimizer) -> list[tuple[str, SecretTensor]]:
-    out = [(f"param/{name}", model.params[name]) for name in model.graph.params]
+    out: list[tuple[str, SecretTensor]] = []
+    for name in model.graph.params:
+        value = model.params[name]
+        if not isinstance(value, SecretTensor):
+            raise CheckpointError(f"parameter {name!r} is not secret-shared: checkpoints hold shares")
+        out.append((f"param/{name}", value))
     for pname in sorted(optimizer.state):
         for key in sorted(optimizer.state[pname]):
             v = optimizer.state[pname][key]
