@@ -2,10 +2,10 @@
 
 2 compute parties + dealer as 3 OS processes (``veil.launch``, TLS on loopback). Models (``--model``):
 
-* ``mlp``: Linear(784, 128)-ReLU-Linear(128, 128)-ReLU-Linear(128, 10) on flattened MNIST, batch 64,
-  SGD lr 0.05, cross-entropy.
+* ``mlp``: ``veil.nn.zoo.MLP``, Linear(784, 128)-ReLU-Linear(128, 128)-ReLU-Linear(128, 10) on
+  flattened MNIST, batch 64, SGD lr 0.05, cross-entropy.
 * ``lenet``: ``veil.nn.zoo.LeNet`` on MNIST, batch 64, SGD lr 0.05 with momentum 0.9, cross-entropy.
-* ``small``: Linear(3, 10)-ReLU-Linear(10, 1)-Sigmoid, BCELoss, SGD lr 0.1, batch 64, on a synthetic
+* ``small``: ``veil.nn.zoo.SmallNet``, Linear(3, 10)-ReLU-Linear(10, 1)-Sigmoid, BCELoss, SGD lr 0.1, batch 64, on a synthetic
   two-owner dataset: ``--samples`` rows (default 6,400) of 3 standard-normal features, alice owns the
   first half, bob the second (each generates and shares only its own half; the halves are joined on
   shares with ``veil.cat``), label ``1[1.5 x0 - 2 x1 + x2 + 0.5 + N(0, 0.5^2) > 0]``; the test set
@@ -16,11 +16,21 @@ Alice owns the MNIST images and labels (training and test subsets); bob owns the
 (``--labels onehot``: no comparison on shares per batch), or as class indices (``--labels index``:
 ``fit`` turns them into one-hot rows on shares with one equality call per batch, 5 rounds). Each
 epoch is one call of ``veil.nn.fit(..., epochs=1, test_data=..., reveal_to=["alice"], loss_every=50)``
-with a fresh agreed batch order; the batches each party visited are recorded (their indices are
-public to both parties anyway) and the plaintext reference replays exactly those batches.
+and a batch order of its own: from a fixed public seed by default (``--order fixed``: the same
+batches in every run, so runs compare), or agreed afresh by ``fit`` (``--order fresh``). The batches
+visited are recorded (their indices are public to both parties anyway) and the plaintext reference
+replays exactly those batches.
+
+``--frac-bits`` sets the session's fixed point (default 16). At 16 bits the gradients of LeNet's
+first layers are 15-25% (relative, L2) off PyTorch's, those of the MLP 2-3%: gradients shrink as they
+flow back (LeNet's conv1 gradient terms are ~1e-5, the resolution is 1.5e-5). 20 bits brings conv1
+under 2%, but every truncation is then 256 times likelier to wrap (README, Precision): with the
+~10^6 truncations of a LeNet batch, one 50-batch run in two got a 2^24-sized error and lost its
+model. Training at 20 bits is for experiments, not results.
 
 One JSON object per line and per (model, epoch):
-    model, epoch, samples (training rows), batch_size, batches, labels (onehot or index),
+    model, epoch, samples (training rows), batch_size, batches, labels (onehot, index; binary for
+    small), order, frac_bits,
     seconds (the epoch's training time in fit, the slower party; loss reveals included, test
     evaluation excluded), seconds_per_batch, bytes (the larger compute party, sent + received with the
     other compute party, during the epoch's training), dealer_bytes (dealer <-> both compute parties,
@@ -49,6 +59,7 @@ seconds (median of ``--profile-batches`` batches, the slower party), rounds, byt
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import statistics
@@ -75,17 +86,14 @@ SMALL_BIAS, SMALL_NOISE = 0.5, 0.5
 
 # ---- models, data, optimizers (the same for the parties and the plaintext reference) ---------
 def build_model(name: str) -> nn.Module:
-    from veil.nn.zoo import LeNet
+    """``veil.nn.zoo``'s MLP, LeNet or SmallNet, initialised under a fixed seed."""
+    from veil.nn.zoo import ARCHITECTURES
 
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {list(MODELS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
-        if name == "mlp":
-            return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-        if name == "lenet":
-            return LeNet()
-        if name == "small":
-            return nn.Sequential(nn.Linear(3, 10), nn.ReLU(), nn.Linear(10, 1), nn.Sigmoid())
-    raise ValueError(f"unknown model {name!r}; choose from {list(MODELS)}")
+        return ARCHITECTURES[name]()
 
 
 def optimizer_args(name: str) -> dict[str, float]:
@@ -177,8 +185,15 @@ def binary_accuracy(session: veil.Session, net: veil.nn.SecureModel, data: Tenso
     return None if opened is None else float(opened) / len(data)
 
 
+def epoch_seed(order: str, epoch: int) -> bytes | None:
+    """The public seed of an epoch's batch order (None: fit agrees on a fresh one)."""
+    if order == "fresh":
+        return None
+    return hashlib.sha256(b"veil benchmarks/training.py order\x00" + epoch.to_bytes(8, "little")).digest()
+
+
 def program(session: veil.Session, name: str, epochs: int, samples: int, test_samples: int, batch_size: int,
-            labels: str, profile_batches: int) -> dict[str, Any]:
+            labels: str, order: str, profile_batches: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     train, test = _share_data(session, name, samples, test_samples, labels)
     net = share_model(session, build_model(name) if session.party == "bob" else None, owner="bob", training=True)
@@ -196,7 +211,7 @@ def program(session: veil.Session, name: str, epochs: int, samples: int, test_sa
         t1 = time.perf_counter()
         history = fit(session, net, train, epochs=1, batch_size=batch_size, optimizer=optimizer, loss_fn=loss_fn,
                       test_data=None if name == "small" else test, classes=classes, reveal_to=["alice"],
-                      loss_every=LOSS_EVERY, progress=False)
+                      loss_every=LOSS_EVERY, progress=False, seed=epoch_seed(order, epoch))
         rec = history.epochs[-1]
         acc = rec.test_accuracy
         if name == "small":
@@ -281,9 +296,14 @@ def plaintext(name: str, samples: int, test_samples: int, visited: list[list[tor
 
 
 # ---- driver ---------------------------------------------------------------------------------------
-def run(name: str, epochs: int, samples: int, test_samples: int, batch_size: int, labels: str,
-        timeout: float) -> list[dict[str, Any]]:
-    res = veil.launch(program, name, epochs, samples, test_samples, batch_size, labels, 0, timeout=timeout)
+def _options(frac_bits: int) -> veil.SessionOptions:
+    return veil.SessionOptions(fixed_point=veil.FixedPoint(frac_bits))
+
+
+def run(name: str, epochs: int, samples: int, test_samples: int, batch_size: int, labels: str, order: str,
+        frac_bits: int, timeout: float) -> list[dict[str, Any]]:
+    res = veil.launch(program, name, epochs, samples, test_samples, batch_size, labels, order, 0, timeout=timeout,
+                      options=_options(frac_bits))
     a, b = res["alice"], res["bob"]
     plain = plaintext(name, samples, test_samples, [e["visited"] for e in a["epochs"]])
     lines = []
@@ -291,7 +311,8 @@ def run(name: str, epochs: int, samples: int, test_samples: int, batch_size: int
         seconds = max(ea["seconds"], eb["seconds"])
         lines.append({
             "model": name, "epoch": ea["epoch"], "samples": samples, "batch_size": batch_size,
-            "batches": ea["batches"], "labels": "binary" if name == "small" else labels,
+            "batches": ea["batches"], "labels": "binary" if name == "small" else labels, "order": order,
+            "frac_bits": frac_bits,
             "seconds": round(seconds, 3), "seconds_per_batch": round(seconds / ea["batches"], 4),
             "bytes": max(ea["bytes_with_peer"], eb["bytes_with_peer"]),
             "dealer_bytes": ea["bytes_with_dealer"] + eb["bytes_with_dealer"], "rounds": ea["rounds"],
@@ -306,15 +327,16 @@ def run(name: str, epochs: int, samples: int, test_samples: int, batch_size: int
     return lines
 
 
-def profile(name: str, samples: int, batch_size: int, labels: str, batches: int, timeout: float
+def profile(name: str, samples: int, batch_size: int, labels: str, batches: int, frac_bits: int, timeout: float
             ) -> list[dict[str, Any]]:
     need = (batches + 1) * batch_size
     res = veil.launch(program, name, 1, max(samples, need) if name == "small" else need, 2, batch_size, labels,
-                      batches, timeout=timeout)
+                      "fixed", batches, timeout=timeout, options=_options(frac_bits))
     a, b = res["alice"]["profile"], res["bob"]["profile"]
     lines = []
     for part, ms in a.items():
         row: dict[str, Any] = {"model": name, "part": part, "batch_size": batch_size, "labels": labels,
+                               "frac_bits": frac_bits,
                                "seconds": round(statistics.median(max(x["seconds"], y["seconds"])
                                                                   for x, y in zip(ms, b[part])), 5)}
         if "rounds" in ms[0]:
@@ -335,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--labels", choices=("onehot", "index"), default="onehot",
                     help="MNIST labels shared as one-hot rows or as class indices (one-hot made on shares)")
+    ap.add_argument("--order", choices=("fixed", "fresh"), default="fixed",
+                    help="batch order from a fixed public seed (default) or a fresh one agreed per epoch")
+    ap.add_argument("--frac-bits", type=int, default=16,
+                    help="fixed-point fractional bits of the session (default 16; see the docstring)")
     ap.add_argument("--profile", action="store_true", help="time the parts of single training steps instead")
     ap.add_argument("--profile-batches", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=7200.0)
@@ -353,9 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         if name != "small" and args.test_samples > MNIST_TEST:
             ap.error(f"--test-samples for {name} must be at most {MNIST_TEST:,}")
         if args.profile:
-            lines = profile(name, samples, args.batch_size, args.labels, args.profile_batches, args.timeout)
+            lines = profile(name, samples, args.batch_size, args.labels, args.profile_batches, args.frac_bits,
+                            args.timeout)
         else:
-            lines = run(name, args.epochs, samples, args.test_samples, args.batch_size, args.labels, args.timeout)
+            lines = run(name, args.epochs, samples, args.test_samples, args.batch_size, args.labels, args.order,
+                        args.frac_bits, args.timeout)
         for line in lines:
             print(json.dumps(line), flush=True)
     return 0

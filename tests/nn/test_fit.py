@@ -87,10 +87,11 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path: Pat
     assert saved == ["checkpoint-0001.alice.veilckpt", "checkpoint-0001.bob.veilckpt"]  # epoch 2 was lost
     hist, resumed = run_local(_train, 3, str(tmp_path / "b"), True, None, opt)["alice"]
     assert hist.resumed_from == 1 and [e.epoch for e in hist.epochs] == [1, 2, 3]
+    # same batches in the same order from the same state: only the truncation's +-1 ulp per product
+    # (which depends on the random shares) differs; Adam's division by sqrt(v) amplifies it (lr / eps = 10)
+    atol = 1e-3 if opt == "sgd" else 1e-2
     for k in whole:
-        # same batches in the same order from the same state: only the truncation's +-1 ulp per product
-        # (which depends on the random shares) differs
-        assert float((resumed[k] - whole[k]).abs().max()) < 1e-3, k
+        assert float((resumed[k] - whole[k]).abs().max()) < atol, k
 
 
 def test_a_tampered_checkpoint_is_refused(tmp_path: Path) -> None:

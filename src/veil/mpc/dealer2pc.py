@@ -175,19 +175,33 @@ class DealerProtocol2PC(Protocol):
         return share + value if self.index == 0 else share + torch.zeros_like(value)
 
     def bilinear(self, x: torch.Tensor, y: torch.Tensor, op: str, kwargs: dict[str, Any]) -> torch.Tensor:
+        return self.bilinear_many([(x, y, op, kwargs)])[0]
+
+    def bilinear_many(self, items: Sequence[tuple[torch.Tensor, torch.Tensor, str, dict[str, Any]]]
+                      ) -> list[torch.Tensor]:
+        """Several independent Beaver products in one round: one triple each, all openings in one
+        message."""
         from veil.mpc.material import BILINEAR_OPS, output_shape
 
-        fn = BILINEAR_OPS[op]
-        shape_z = list(output_shape(op, tuple(x.shape), tuple(y.shape), kwargs))
-        mat = self.s.dealer.take("triple", op=op, shape_x=list(x.shape), shape_y=list(y.shape),
-                                 shape_z=shape_z, kwargs=kwargs)
-        a, b = mat["a"].to(x.device), mat["b"].to(x.device)
-        e, f = self.open_masked([(x, a, -1), (y, b, -1)])
-        # z = c + op(e, b) + op(a, f) (+ op(e, f) at party 0), with op(e, b) + op(e, f) = op(e, b + f)
-        z = mat["c"].to(x.device)
-        z += fn(e, b + f if self.index == 0 else b, **kwargs)
-        z += fn(a, f, **kwargs)
-        return z
+        mats, pairs = [], []
+        for x, y, op, kwargs in items:
+            shape_z = list(output_shape(op, tuple(x.shape), tuple(y.shape), kwargs))
+            mat = self.s.dealer.take("triple", op=op, shape_x=list(x.shape), shape_y=list(y.shape),
+                                     shape_z=shape_z, kwargs=kwargs)
+            a, b = mat["a"].to(x.device), mat["b"].to(x.device)
+            mats.append((mat, a, b))
+            pairs += [(x, a, -1), (y, b, -1)]
+        opened = self.open_masked(pairs)
+        out = []
+        for i, ((x, _y, op, kwargs), (mat, a, b)) in enumerate(zip(items, mats)):
+            fn = BILINEAR_OPS[op]
+            e, f = opened[2 * i], opened[2 * i + 1]
+            # z = c + op(e, b) + op(a, f) (+ op(e, f) at party 0), with op(e, b) + op(e, f) = op(e, b + f)
+            z = mat["c"].to(x.device)
+            z += fn(e, b + f if self.index == 0 else b, **kwargs)
+            z += fn(a, f, **kwargs)
+            out.append(z)
+        return out
 
     def square(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1)

@@ -37,6 +37,11 @@ class Protocol(ABC):
         """Share of ``op(x, y)`` (mul, matmul, conv2d...) of two secrets, *not* truncated."""
 
     @abstractmethod
+    def bilinear_many(self, items: Sequence[tuple[torch.Tensor, torch.Tensor, str, dict[str, Any]]]
+                      ) -> list[torch.Tensor]:
+        """Shares of several independent ``op(x, y)`` products, *not* truncated, in the rounds of one."""
+
+    @abstractmethod
     def square(self, x: torch.Tensor) -> torch.Tensor:
         """Share of ``x * x``, not truncated."""
 

@@ -362,6 +362,33 @@ def _count(shape: torch.Size, dim: int | Sequence[int]) -> int:
     return n
 
 
+def products(items: Sequence[tuple[Any, Any, str, dict[str, Any]]]) -> list[Any]:
+    """Several independent bilinear products ``op(a, b, **kwargs)`` (``mul``, ``matmul``, ``conv2d``,
+    ``conv_transpose2d``, ``conv2d_weight``...) at once: those of two secrets share one round; the
+    others (a public operand) are local. Results are truncated like ``a * b``."""
+    from veil.mpc.material import BILINEAR_OPS
+
+    out: list[Any] = [None] * len(items)
+    both = [i for i, (a, b, _, _) in enumerate(items) if isinstance(a, SecretTensor) and isinstance(b, SecretTensor)]
+    for i, (a, b, op, kw) in enumerate(items):
+        if i in both:
+            continue
+        if isinstance(a, SecretTensor):
+            out[i] = a._bilinear(b, op, **kw)
+        elif isinstance(b, SecretTensor):
+            z = BILINEAR_OPS[op](b._encode(a), b.share, **kw)
+            out[i] = b._new(b.protocol.truncate(z, b.frac_bits))
+        else:
+            out[i] = BILINEAR_OPS[op](a, b, **kw)
+    if both:
+        first = items[both[0]][0]
+        zs = first.protocol.bilinear_many([(items[i][0].share, items[i][1].share, items[i][2], items[i][3])
+                                           for i in both])
+        for i, z in zip(both, zs):
+            out[i] = first._new(first.protocol.truncate(z, first.frac_bits))
+    return out
+
+
 def cat(tensors: Sequence[SecretTensor], dim: int = 0) -> SecretTensor:
     return tensors[0]._new(torch.cat([t.share for t in tensors], dim))
 

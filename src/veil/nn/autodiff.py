@@ -185,12 +185,20 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 # ---- linear layers -------------------------------------------------------------------------------
+def _products(want: Sequence[bool], items: Sequence[tuple[Any, Any, str, dict[str, Any]]]) -> list[Any]:
+    """The wanted ones of independent products, in one round (see veil.mpc.tensor.products)."""
+    from veil.mpc.tensor import products
+
+    chosen = [item for w, item in zip(want, items) if w]
+    got = iter(products(chosen))
+    return [next(got) if w else None for w in want]
+
+
 @backward_rule("linear")
 def _linear_back(ctx: Ctx, g: SecretTensor, want: list[bool]) -> tuple[Any, ...]:
     x, w = ctx["args"][0], ctx["args"][1]
-    gx = g @ w if want[0] else None
     g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-    gw = g2.t() @ x2 if want[1] else None
+    gx, gw = _products(want[:2], [(g, w, "matmul", {}), (g2.t(), x2, "matmul", {})])
     gb = g2.sum(0) if len(want) > 2 and want[2] else None
     return gx, gw, gb
 
@@ -200,9 +208,9 @@ def _matmul_back(ctx: Ctx, g: SecretTensor, want: list[bool]) -> tuple[Any, ...]
     a, b = ctx["args"]
     if a.dim() < 2 or b.dim() < 2:
         raise UnsupportedGradientError("matmul backward needs operands with at least two dimensions")
-    ga = unbroadcast(g @ b.transpose(-1, -2), _shape(a)) if want[0] else None
-    gb = unbroadcast(a.transpose(-1, -2) @ g, _shape(b)) if want[1] else None
-    return ga, gb
+    ga, gb = _products(want, [(g, b.transpose(-1, -2), "matmul", {}), (a.transpose(-1, -2), g, "matmul", {})])
+    return (unbroadcast(ga, _shape(a)) if ga is not None else None,
+            unbroadcast(gb, _shape(b)) if gb is not None else None)
 
 
 @backward_rule("conv2d")
@@ -211,27 +219,21 @@ def _conv_back(ctx: Ctx, g: SecretTensor, want: list[bool], *, stride: Any = 1, 
     x, w = ctx["args"][0], ctx["args"][1]
     if isinstance(padding, str):
         raise UnsupportedGradientError("conv2d backward with string padding: give explicit padding")
+    if not is_secret(g):
+        raise UnsupportedGradientError("conv2d backward needs a secret output gradient")
+    if want[1] and not is_secret(x):
+        raise UnsupportedGradientError("training a first convolution on a public input: share the input")
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     kh, kw = w.shape[-2], w.shape[-1]
-    gx = gw = gb = None
-    if want[0]:
-        h, wd = x.shape[-2], x.shape[-1]
-        out_pad = ((h + 2 * ph - dh * (kh - 1) - 1) % sh, (wd + 2 * pw - dw * (kw - 1) - 1) % sw)
-        if not is_secret(g):
-            raise UnsupportedGradientError("conv2d backward needs a secret output gradient")
-        gx = g.conv_transpose2d(w, stride=(sh, sw), padding=(ph, pw), output_padding=out_pad, groups=groups,
-                                dilation=(dh, dw))
-    if want[1]:
-        gw = x.conv2d_weight(g, tuple(w.shape), stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
-                             groups=groups) if is_secret(x) else _public_conv_weight(x, g, w, sh, sw, ph, pw,
-                                                                                     dh, dw, groups)
-    if len(want) > 2 and want[2]:
-        gb = g.sum((0, 2, 3))
+    h, wd = x.shape[-2], x.shape[-1]
+    out_pad = ((h + 2 * ph - dh * (kh - 1) - 1) % sh, (wd + 2 * pw - dw * (kw - 1) - 1) % sw)
+    geometry = {"stride": (sh, sw), "padding": (ph, pw), "dilation": (dh, dw), "groups": groups}
+    gx, gw = _products(want[:2], [
+        (g, w, "conv_transpose2d", {**geometry, "output_padding": out_pad}),
+        (x, g, "conv2d_weight", {**geometry, "weight_shape": list(w.shape)}),
+    ])
+    gb = g.sum((0, 2, 3)) if len(want) > 2 and want[2] else None
     return gx, gw, gb
-
-
-def _public_conv_weight(x: torch.Tensor, g: SecretTensor, w: Any, *conv: int) -> SecretTensor:
-    raise UnsupportedGradientError("training a first convolution on a public input: share the input")
 
 
 # ---- activations ---------------------------------------------------------------------------------
@@ -413,12 +415,15 @@ def _neg_back(ctx: Ctx, g: Any, want: list[bool]) -> tuple[Any, ...]:
 
 @backward_rule("mul")
 def _mul_back(ctx: Ctx, g: Any, want: list[bool]) -> tuple[Any, ...]:
-    from veil.nn.ops import mul
-
     a, b = ctx["args"]
-    ga = unbroadcast(mul(g, b), _shape(a)) if want[0] else None
-    gb = unbroadcast(mul(g, a), _shape(b)) if want[1] else None
-    return ga, gb
+    if not is_secret(g):
+        from veil.nn.ops import mul
+
+        return (unbroadcast(mul(g, b), _shape(a)) if want[0] else None,
+                unbroadcast(mul(g, a), _shape(b)) if want[1] else None)
+    ga, gb = _products(want, [(g, b, "mul", {}), (g, a, "mul", {})])
+    return (unbroadcast(ga, _shape(a)) if ga is not None else None,
+            unbroadcast(gb, _shape(b)) if gb is not None else None)
 
 
 @backward_rule("truediv")
