@@ -79,7 +79,7 @@ def _plain_steps(module: nn.Module, x: torch.Tensor, t: torch.Tensor, loss: str,
         out = LOSSES[loss][1](ref(x), target)
         out.backward()
         optimizer.step()
-        value = float(out)
+        value = out.item()
     return ref.state_dict(), value
 
 
