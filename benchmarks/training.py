@@ -5,11 +5,11 @@
 * ``mlp``: ``veil.nn.zoo.MLP``, Linear(784, 128)-ReLU-Linear(128, 128)-ReLU-Linear(128, 10) on
   flattened MNIST, batch 64, SGD lr 0.05, cross-entropy.
 * ``lenet``: ``veil.nn.zoo.LeNet`` on MNIST, batch 64, SGD lr 0.05 with momentum 0.9, cross-entropy.
-* ``small``: ``veil.nn.zoo.SmallNet``, Linear(3, 10)-ReLU-Linear(10, 1)-Sigmoid, BCELoss, SGD lr 0.1, batch 64, on a synthetic
-  two-owner dataset: ``--samples`` rows (default 6,400) of 3 standard-normal features, alice owns the
-  first half, bob the second (each generates and shares only its own half; the halves are joined on
-  shares with ``veil.cat``), label ``1[1.5 x0 - 2 x1 + x2 + 0.5 + N(0, 0.5^2) > 0]``; the test set
-  (``--test-samples`` rows) is made and owned the same way.
+* ``small``: ``veil.nn.zoo.SmallNet``, Linear(3, 10)-ReLU-Linear(10, 1)-Sigmoid, BCELoss, SGD lr 0.1,
+  batch 64, on a synthetic two-owner dataset: ``--samples`` rows (default 6,400) of 3 standard-normal
+  features, alice owns the first half, bob the second (each generates and shares only its own half;
+  the halves are joined on shares with ``veil.cat``), label ``1[1.5 x0 - 2 x1 + x2 + 0.5 + N(0, 0.5^2)
+  > 0]``; the test set (``--test-samples`` rows) is made and owned the same way.
 
 Alice owns the MNIST images and labels (training and test subsets); bob owns the initial weights
 (PyTorch's default initialisation under a fixed seed). Labels are shared as one-hot rows by default
@@ -335,7 +335,8 @@ def profile(name: str, samples: int, batch_size: int, labels: str, batches: int,
     a, b = res["alice"]["profile"], res["bob"]["profile"]
     lines = []
     for part, ms in a.items():
-        row: dict[str, Any] = {"model": name, "part": part, "batch_size": batch_size, "labels": labels,
+        row: dict[str, Any] = {"model": name, "part": part, "batch_size": batch_size,
+                               "labels": "binary" if name == "small" else labels,
                                "frac_bits": frac_bits,
                                "seconds": round(statistics.median(max(x["seconds"], y["seconds"])
                                                                   for x, y in zip(ms, b[part])), 5)}

@@ -148,3 +148,22 @@ def test_fit_checks_its_arguments() -> None:
         return "no error"
 
     assert "reveal_to names ['carol']" in run_local(program)["alice"]
+
+
+def test_evaluate_thresholds_a_single_output_binary_classifier() -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50, 3, generator=g)
+    y = (x[:, 0] > 0.2).double()
+    model = nn.Sequential(nn.Linear(3, 1), nn.Sigmoid())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[2.0, 0.3, 0.0]]))
+        model[0].bias.fill_(-0.1)
+
+    def program(session: veil.Session) -> Any:
+        net = share_model(session, model if session.party == "bob" else None, owner="bob")
+        return evaluate(session, net, _shared_data(session, x, y), batch_size=16, reveal_to=["alice"])
+
+    with torch.no_grad():
+        want = float(((model(x).reshape(-1) > 0.5).double() == y).double().mean())
+    assert 0.5 < want < 1.0  # neither trivial nor perfect: the threshold matters
+    assert run_local(program)["alice"] == pytest.approx(want)

@@ -3,17 +3,19 @@
 
 ``output`` is the (secret) output of a training forward of a :class:`~veil.nn.model.SecureModel`;
 ``target`` a SecretTensor of the same shape (one-hot rows for classification) or a public tensor
-(class indices or values). Reduction is the mean, as PyTorch's default.
+(class indices or values). Reduction is the mean, as PyTorch's default: the backward pass runs on
+the gradient of the sum (below) and the parameters' gradients are scaled by ``1/n`` at the end (``n``
+the batch size, or the number of elements for MSE and BCE), which keeps more significant bits.
 
 ================================  =================================================  ==============
 loss                              gradient started where                             value (reveal)
 ================================  =================================================  ==============
-MSELoss(y, t)                     ``2 (y - t) / n`` at the output                    1 round + reveal
-CrossEntropyLoss(logits, t)       ``(softmax(logits) - t) / N`` at the logits        log on shares
-BCELoss(p, t), p from a Sigmoid   ``(p - t) / n`` at the Sigmoid's *input* (the      log on shares
-                                  fused, stable form of PyTorch's BCE-with-logits)
-BCEWithLogitsLoss(z, t)           ``(sigmoid(z) - t) / n`` at the logits             log on shares
-NLLLoss(logp, t), logp from a     ``(exp(logp) - t) / N`` at the LogSoftmax's input  a product
+MSELoss(y, t)                     ``2 (y - t)`` at the output                        1 round + reveal
+CrossEntropyLoss(logits, t)       ``softmax(logits) - t`` at the logits              log on shares
+BCELoss(p, t), p from a Sigmoid   ``p - t`` at the Sigmoid's *input* (the fused,     log on shares
+                                  stable form of PyTorch's BCE-with-logits)
+BCEWithLogitsLoss(z, t)           ``sigmoid(z) - t`` at the logits                   log on shares
+NLLLoss(logp, t), logp from a     ``exp(logp) - t`` at the LogSoftmax's input        a product
 LogSoftmax
 ================================  =================================================  ==============
 
@@ -75,12 +77,20 @@ class Loss:
 
     tape: Tape
     start: str  # the node whose value's gradient is ``grad``
-    grad: SecretTensor
+    grad: SecretTensor  # the gradient of the *summed* loss (n times the mean's: more significant bits)
     value_fn: Any  # () -> SecretTensor of shape ()
+    scale: float = 1.0  # the mean's factor 1/n, applied to the parameters' gradients at the end
 
     def backward(self) -> None:
-        """Accumulate the gradient of every parameter of the model into ``param.grad``."""
+        """Accumulate the gradient of every parameter of the model into ``param.grad``.
+
+        The backward pass runs on the gradient of the summed loss and scales the parameters'
+        gradients by ``1/n`` at the end (a public factor: local): in 16-bit fixed point the mean's
+        per-example gradient ``(p - t)/64`` sits a few units above the resolution by the time it
+        reaches a first convolution, the sum's does not."""
         grads = backward(self.tape, self.grad, start=self.start)
+        if self.scale != 1.0:
+            grads = {k: g * self.scale for k, g in grads.items()}
         self.tape.model.accumulate_grads(grads)
 
     def value(self) -> SecretTensor:
@@ -107,7 +117,7 @@ class MSELoss:
         t = _target(target, output, "MSELoss", classes=False)
         diff = output - t
         n = output.numel()
-        return Loss(tape, tape.output, diff * (2.0 / n), lambda: diff.square().sum() * (1.0 / n))
+        return Loss(tape, tape.output, diff * 2, lambda: diff.square().sum() * (1.0 / n), 1.0 / n)
 
 
 class CrossEntropyLoss:
@@ -120,7 +130,7 @@ class CrossEntropyLoss:
         t = _target(target, logits, "CrossEntropyLoss", classes=True)
         p = logits.softmax(1)
         n = _n(logits, True)
-        return Loss(tape, tape.output, (p - t) * (1.0 / n), lambda: -mul(t, _log(p)).sum() * (1.0 / n))
+        return Loss(tape, tape.output, p - t, lambda: -mul(t, _log(p)).sum() * (1.0 / n), 1.0 / n)
 
 
 class NLLLoss:
@@ -134,7 +144,7 @@ class NLLLoss:
         t = _target(target, log_probs, "NLLLoss", classes=True)
         n = _n(log_probs, True)
         p = log_probs.exp()
-        return Loss(tape, node.args[0].name, (p - t) * (1.0 / n), lambda: -mul(t, log_probs).sum() * (1.0 / n))
+        return Loss(tape, node.args[0].name, p - t, lambda: -mul(t, log_probs).sum() * (1.0 / n), 1.0 / n)
 
 
 class BCELoss:
@@ -149,7 +159,7 @@ class BCELoss:
                             "BCEWithLogitsLoss on the logits)")
         t = _target(target, probs, "BCELoss", classes=False)
         n = probs.numel()
-        return Loss(tape, node.args[0].name, (probs - t) * (1.0 / n), lambda: _bce(probs, t, n))
+        return Loss(tape, node.args[0].name, probs - t, lambda: _bce(probs, t, n), 1.0 / n)
 
 
 class BCEWithLogitsLoss:
@@ -158,8 +168,12 @@ class BCEWithLogitsLoss:
         t = _target(target, logits, "BCEWithLogitsLoss", classes=False)
         p = logits.sigmoid()
         n = logits.numel()
-        return Loss(tape, tape.output, (p - t) * (1.0 / n), lambda: _bce(p, t, n))
+        return Loss(tape, tape.output, p - t, lambda: _bce(p, t, n), 1.0 / n)
 
 
 def _bce(p: SecretTensor, t: Any, n: int) -> SecretTensor:
-    return -(mul(t, _log(p)) + mul(1 - t, _log(1 - p))).sum() * (1.0 / n)
+    """``-mean(t log p + (1 - t) log(1 - p))``, both logarithms in one call (one set of rounds)."""
+    from veil.mpc.tensor import stack
+
+    logs = _log(stack([p, 1 - p]))
+    return -(mul(t, logs[0]) + mul(1 - t, logs[1])).sum() * (1.0 / n)

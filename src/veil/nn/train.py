@@ -107,7 +107,9 @@ def _targets(y: SecretTensor, classes: int | None) -> SecretTensor:
 def evaluate(session: Session, model: SecureModel, data: Any, *, batch_size: int = 256,
              reveal_to: Sequence[str] = ("alice", "bob"), classes: int | None = None) -> float | None:
     """Accuracy of ``model`` on a secret dataset (``x`` inputs, ``y`` labels as indices or one-hot),
-    computed on shares; only the count of correct predictions is revealed, to ``reveal_to``."""
+    computed on shares; only the count of correct predictions is revealed, to ``reveal_to``. A model
+    with one output is a binary classifier: its prediction is ``[output > 0.5]`` after a final
+    Sigmoid, else ``[output > 0]`` (logits); its labels are 0/1."""
     was = model.training
     model.eval()
     correct: SecretTensor | None = None
@@ -115,8 +117,12 @@ def evaluate(session: Session, model: SecureModel, data: Any, *, batch_size: int
     for batch in data.batches(batch_size, shuffle_seed=None):
         out = model(batch["x"])
         y = batch["y"]
-        labels = y if y.dim() == 1 else (y * torch.arange(y.shape[1], dtype=torch.float64)).sum(1)
-        hits = (out.argmax(1) == labels).sum()
+        if out.shape[-1] == 1:  # binary: threshold, compare with the 0/1 label
+            pred = out.reshape(-1) > (0.5 if _last_op(model) == "sigmoid" else 0.0)
+            hits = (pred == y.reshape(-1)).sum()
+        else:
+            labels = y if y.dim() == 1 else (y * torch.arange(y.shape[1], dtype=torch.float64)).sum(1)
+            hits = (out.argmax(1) == labels).sum()
         correct = hits if correct is None else correct + hits
         n += len(y)
     model.train(was)
@@ -127,14 +133,17 @@ def evaluate(session: Session, model: SecureModel, data: Any, *, batch_size: int
 
 
 def fit(session: Session, model: SecureModel, data: Any, *, epochs: int, batch_size: int, optimizer: Optimizer,
-        loss_fn: Any, test_data: Any = None, classes: int | None = None, reveal_to: Sequence[str] = ("alice", "bob"),
+        loss_fn: Any, test_data: Any = None, eval_batch_size: int = 256, classes: int | None = None,
+        reveal_to: Sequence[str] = ("alice", "bob"),
         loss_every: int = 20, checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
         shuffle: bool = True, seed: bytes | None = None, on_batch: Callable[[int, int], None] | None = None
         ) -> History:
     """Train ``model`` (shared, in training mode) on ``data`` for ``epochs`` epochs. See the module
     docstring; ``classes`` turns 1-D secret labels into one-hot rows for the classification losses;
     ``seed`` (at least 16 bytes, the same in both parties) fixes the order of the batches, which is
-    public to both parties anyway; None draws a fresh one (first party, ``secrets``).
+    public to both parties anyway; None draws a fresh one (first party, ``secrets``). Epoch ``e``'s
+    order derives from the seed and ``e``: calling ``fit`` one epoch at a time with the same seed
+    repeats epoch 1's order (use ``resume`` with checkpoints to continue a run instead).
     ``on_batch(epoch, batch)`` is called after every step (progress hooks, tests)."""
     if epochs < 1 or batch_size < 1 or loss_every < 1:
         raise ValueError(f"epochs, batch_size and loss_every must be positive (got {epochs}, {batch_size}, "
@@ -202,12 +211,18 @@ def fit(session: Session, model: SecureModel, data: Any, *, epochs: int, batch_s
                              bytes_with_peer=traffic["bytes_with_peer"],
                              bytes_with_dealer=traffic["bytes_with_dealer"], rounds=traffic["rounds"])
         if test_data is not None:
-            record.test_accuracy = evaluate(session, model, test_data, reveal_to=reveal_to, classes=classes)
+            record.test_accuracy = evaluate(session, model, test_data, batch_size=eval_batch_size, reveal_to=reveal_to,
+                                            classes=classes)
         history.epochs.append(record)
         if checkpoint_dir is not None:
             checkpoint.save(session, checkpoint_dir, model=model, optimizer=optimizer, epoch=epoch, run_id=run_id,
                             extra={"seed": seed.hex(), "run_id": run_id, "history": history.as_dicts()})
     return history
+
+
+def _last_op(model: SecureModel) -> str:
+    out = model.graph.nodes[-1].args[0]
+    return model.graph.node(out.name).op if hasattr(out, "name") else ""
 
 
 def _x_shape(data: Any) -> tuple[int, ...]:
