@@ -96,8 +96,10 @@ def build_model(name: str) -> nn.Module:
         return ARCHITECTURES[name]()
 
 
-def optimizer_args(name: str) -> dict[str, float]:
-    return {"mlp": {"lr": 0.05}, "lenet": {"lr": 0.05, "momentum": 0.9}, "small": {"lr": 0.1}}[name]
+def optimizer_args(name: str, override: str = "") -> dict[str, float]:
+    """SGD's hyperparameters for ``name``; ``override`` (JSON, from --lr/--momentum) replaces some."""
+    args = {"mlp": {"lr": 0.05}, "lenet": {"lr": 0.05, "momentum": 0.9}, "small": {"lr": 0.1}}[name]
+    return {**args, **(json.loads(override) if override else {})}
 
 
 def small_rows(owner: str, n: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,11 +195,11 @@ def epoch_seed(order: str, epoch: int) -> bytes | None:
 
 
 def program(session: veil.Session, name: str, epochs: int, samples: int, test_samples: int, batch_size: int,
-            labels: str, order: str, profile_batches: int) -> dict[str, Any]:
+            labels: str, order: str, profile_batches: int, sgd: str = "") -> dict[str, Any]:
     t0 = time.perf_counter()
     train, test = _share_data(session, name, samples, test_samples, labels)
     net = share_model(session, build_model(name) if session.party == "bob" else None, owner="bob", training=True)
-    optimizer = SGD(net.parameters(), **optimizer_args(name))
+    optimizer = SGD(net.parameters(), **optimizer_args(name, sgd))
     loss_fn = BCELoss() if name == "small" else CrossEntropyLoss()
     classes = None if name == "small" else 10
     setup = time.perf_counter() - t0
@@ -258,7 +260,8 @@ def _profile(session: veil.Session, net: veil.nn.SecureModel, optimizer: SGD, lo
 
 
 # ---- plaintext reference ------------------------------------------------------------------------
-def plaintext(name: str, samples: int, test_samples: int, visited: list[list[torch.Tensor]]) -> list[dict[str, Any]]:
+def plaintext(name: str, samples: int, test_samples: int, visited: list[list[torch.Tensor]], sgd: str = ""
+              ) -> list[dict[str, Any]]:
     """The same epochs in PyTorch (one thread): same initial weights, optimizer and batches."""
     torch.set_num_threads(1)  # like each party
     if name == "small":
@@ -272,7 +275,7 @@ def plaintext(name: str, samples: int, test_samples: int, visited: list[list[tor
         xt, yt = mnist_subset(name, "test", test_samples)
         loss_fn = nn.CrossEntropyLoss()
     model = build_model(name)
-    opt = torch.optim.SGD(model.parameters(), **optimizer_args(name))
+    opt = torch.optim.SGD(model.parameters(), **optimizer_args(name, sgd))
     rows = []
     for batches in visited:
         model.train()
@@ -301,11 +304,11 @@ def _options(frac_bits: int) -> veil.SessionOptions:
 
 
 def run(name: str, epochs: int, samples: int, test_samples: int, batch_size: int, labels: str, order: str,
-        frac_bits: int, timeout: float) -> list[dict[str, Any]]:
-    res = veil.launch(program, name, epochs, samples, test_samples, batch_size, labels, order, 0, timeout=timeout,
-                      options=_options(frac_bits))
+        frac_bits: int, timeout: float, sgd: str = "") -> list[dict[str, Any]]:
+    res = veil.launch(program, name, epochs, samples, test_samples, batch_size, labels, order, 0, sgd,
+                      timeout=timeout, options=_options(frac_bits))
     a, b = res["alice"], res["bob"]
-    plain = plaintext(name, samples, test_samples, [e["visited"] for e in a["epochs"]])
+    plain = plaintext(name, samples, test_samples, [e["visited"] for e in a["epochs"]], sgd)
     lines = []
     for ea, eb, p in zip(a["epochs"], b["epochs"], plain):
         seconds = max(ea["seconds"], eb["seconds"])
@@ -323,6 +326,7 @@ def run(name: str, epochs: int, samples: int, test_samples: int, batch_size: int
             "plaintext_test_accuracy": p["test_accuracy"], "overhead": round(seconds / p["seconds"], 1),
             "setup_seconds": round(max(a["setup_seconds"], b["setup_seconds"]), 3),
             "peak_rss_mb": round(max(a["peak_rss_mb"], b["peak_rss_mb"]), 1),
+            "optimizer": {"sgd": optimizer_args(name, sgd)},
         })
     return lines
 
@@ -364,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="fixed-point fractional bits of the session (default 16; see the docstring)")
     ap.add_argument("--profile", action="store_true", help="time the parts of single training steps instead")
     ap.add_argument("--profile-batches", type=int, default=5)
+    ap.add_argument("--lr", type=float, help="SGD learning rate (default per model, see above)")
+    ap.add_argument("--momentum", type=float, help="SGD momentum (default per model, see above)")
     ap.add_argument("--timeout", type=float, default=7200.0)
     args = ap.parse_args(argv)
     names = args.model.split(",")
@@ -383,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             lines = profile(name, samples, args.batch_size, args.labels, args.profile_batches, args.frac_bits,
                             args.timeout)
         else:
+            sgd = json.dumps({k: v for k, v in (("lr", args.lr), ("momentum", args.momentum)) if v is not None})
             lines = run(name, args.epochs, samples, args.test_samples, args.batch_size, args.labels, args.order,
-                        args.frac_bits, args.timeout)
+                        args.frac_bits, args.timeout, sgd if sgd != "{}" else "")
         for line in lines:
             print(json.dumps(line), flush=True)
     return 0
