@@ -43,6 +43,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--party", metavar="NAME", help="run only this party (needs --peers)")
     p.add_argument("--peers", type=Path, metavar="FILE", help="peers file (JSON): session, certs, addresses")
     p.add_argument("--precision", type=int, default=16, help="fractional bits of the fixed-point ring")
+    p.add_argument("--truncation", default="exact", choices=["exact", "local"],
+                   help="exact (default): matmul/convolution outputs truncated with one more round, never a "
+                        "large error; local: no round, a large error with probability ~|x| 2^-32 per element, "
+                        "which a long training eventually meets")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a peer (default 300)")
     p.add_argument("--json", action="store_true", help="print each party's summary as one JSON line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                       history=args.history, progress=not args.no_progress,
                       progress_party=args.model_owner if local else None)
     job.check()
-    options = SessionOptions().replace(precision=args.precision)
+    options = SessionOptions(truncation=args.truncation).replace(precision=args.precision)
     try:
         if local:
             results = launch(run_training, job, options=options, timeout=args.timeout)

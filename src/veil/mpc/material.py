@@ -89,6 +89,19 @@ def triple(box: Any, op: str, shape_x: list[int], shape_y: list[int], shape_z: l
     return {"a": a, "b": b, "c": c}
 
 
+@recipe("trunc")
+def trunc(box: Any, n: int, bits: int) -> dict[str, Any]:
+    """For exact truncation: a uniform mask ``r``, and as arithmetic shares ``r >> bits`` (logical
+    shift) and ``r``'s top bit (0/1 integer). 16 bytes per element from the dealer, split between the
+    two parties."""
+    if not isinstance(bits, int) or not 0 < bits < 62:
+        raise ValueError(f"trunc: bits must be in (0, 62), got {bits!r}")
+    r = box.rand_arith((n,))
+    hi = box.arith((n,), lambda: (r >> bits) & ((1 << (64 - bits)) - 1), to=1)
+    top = box.arith((n,), lambda: (r >> 63) & 1, to=0)
+    return {"r": r, "hi": hi, "top": top}
+
+
 @recipe("square")
 def square(box: Any, n: int) -> dict[str, Any]:
     """Pair ``(a, a^2)`` for squaring a secret in one opening of 8 bytes per element."""

@@ -50,6 +50,10 @@ class Protocol(ABC):
         """Share of ``x / 2^bits`` (rounded; see the protocol's error statement)."""
 
     @abstractmethod
+    def truncate_exact(self, xs: Sequence[torch.Tensor], bits: int) -> list[torch.Tensor]:
+        """Shares of ``x / 2^bits`` for each ``x``, off by at most one unit, never by more (interactive)."""
+
+    @abstractmethod
     def msb(self, x: torch.Tensor, ys: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Shares of the sign bit ``b = [x < 0]`` (integer 0/1) and of ``y * b`` for each ``y``."""
 

@@ -31,6 +31,14 @@ class SessionOptions:
 
     fixed_point: FixedPoint = field(default_factory=FixedPoint)
     device: str = "cpu"
+    # "local": every product is truncated locally (SecureML: no communication; a large error with
+    # probability ~|x| 2^-32 per element). "exact": the outputs of matmul and convolutions of two
+    # secrets are truncated with one more round and never take the large error (long trainings).
+    truncation: str = "local"
+
+    def __post_init__(self) -> None:
+        if self.truncation not in ("local", "exact"):
+            raise ValueError(f"truncation must be 'local' or 'exact', got {self.truncation!r}")
 
     def replace(self, **changes: Any) -> SessionOptions:
         if "precision" in changes:

@@ -11,9 +11,11 @@
 Both compute parties call :func:`fit` with the same arguments (their own files). What is revealed,
 and to whom (``reveal_to``): the training loss every ``loss_every`` batches and the test accuracy
 after each epoch, nothing else. Batches come in an order both parties derive from a seed they agree
-on at the start (public to both, kept in the checkpoints). Every epoch ends with a checkpoint of the
-shared parameters and optimizer state (:mod:`veil.nn.checkpoint`); ``resume=True`` continues from the
-last epoch both parties saved.
+on at the start (public to both, kept in the checkpoints). Long trainings should run in a session with
+``SessionOptions(truncation="exact")`` (``veil train``'s default): local truncation errs hugely with
+probability ~|x| 2^-32 per element, and a LeNet epoch truncates about 10^9 of them. Every epoch ends
+with a checkpoint of the shared parameters and optimizer state (:mod:`veil.nn.checkpoint`);
+``resume=True`` continues from the last epoch both parties saved.
 """
 
 from __future__ import annotations
