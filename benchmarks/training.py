@@ -299,8 +299,11 @@ def plaintext(name: str, samples: int, test_samples: int, visited: list[list[tor
 
 
 # ---- driver ---------------------------------------------------------------------------------------
+TRUNCATION = {"mode": "local"}  # set from --truncation in main(), before any launch
+
+
 def _options(frac_bits: int) -> veil.SessionOptions:
-    return veil.SessionOptions(fixed_point=veil.FixedPoint(frac_bits))
+    return veil.SessionOptions(fixed_point=veil.FixedPoint(frac_bits), truncation=TRUNCATION["mode"])
 
 
 def run(name: str, epochs: int, samples: int, test_samples: int, batch_size: int, labels: str, order: str,
@@ -326,7 +329,7 @@ def run(name: str, epochs: int, samples: int, test_samples: int, batch_size: int
             "plaintext_test_accuracy": p["test_accuracy"], "overhead": round(seconds / p["seconds"], 1),
             "setup_seconds": round(max(a["setup_seconds"], b["setup_seconds"]), 3),
             "peak_rss_mb": round(max(a["peak_rss_mb"], b["peak_rss_mb"]), 1),
-            "optimizer": {"sgd": optimizer_args(name, sgd)},
+            "optimizer": {"sgd": optimizer_args(name, sgd)}, "truncation": TRUNCATION["mode"],
         })
     return lines
 
@@ -368,10 +371,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="fixed-point fractional bits of the session (default 16; see the docstring)")
     ap.add_argument("--profile", action="store_true", help="time the parts of single training steps instead")
     ap.add_argument("--profile-batches", type=int, default=5)
+    ap.add_argument("--truncation", choices=("local", "exact"), default="local",
+                    help="truncation of products (SessionOptions.truncation; exact: one more round per "
+                         "matmul/convolution, never a large error)")
     ap.add_argument("--lr", type=float, help="SGD learning rate (default per model, see above)")
     ap.add_argument("--momentum", type=float, help="SGD momentum (default per model, see above)")
     ap.add_argument("--timeout", type=float, default=7200.0)
     args = ap.parse_args(argv)
+    TRUNCATION["mode"] = args.truncation
     names = args.model.split(",")
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
