@@ -248,3 +248,44 @@ def test_small_network_loss_curve_tracks_plaintext_within_0_02() -> None:
     assert plain[-1] < plain[0] - 0.05  # it learns
     for epoch, (s, p) in enumerate(zip(secure, plain)):
         assert abs(s - p) <= 0.02, f"epoch {epoch}: secure loss {s:.4f}, plaintext {p:.4f}"
+
+
+def _bn_model() -> nn.Module:
+    return _seeded(30, lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                             nn.Linear(36, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)))
+
+
+def test_batch_norm_trains_with_batch_statistics_like_pytorch() -> None:
+    module = _bn_model()
+    x, t = _randn(31, 8, 2, 5, 5) * 2 + 0.5, _randn(32, 8, 2)
+    got, _ = run_local(_secure_steps, module, x, t, "mse", "sgd", 2)["alice"]
+    ref = copy.deepcopy(module).train()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01)
+    for _ in range(2):
+        opt.zero_grad()
+        F.mse_loss(ref(x), t).backward()
+        opt.step()
+    want = ref.state_dict()
+    assert got.keys() == want.keys()  # running statistics and num_batches_tracked included
+    for k in want:
+        err = float((got[k].double() - want[k].double()).abs().max())
+        assert err <= 1e-2, f"{k}: max abs error {err:.2e}"
+    assert int(got["1.num_batches_tracked"]) == 2
+
+
+def test_a_trainable_batch_norm_in_eval_mode_uses_the_running_statistics() -> None:
+    module = _bn_model()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(33))
+            m.running_var.uniform_(0.2, 3.0, generator=torch.Generator().manual_seed(34))
+    x = _randn(35, 4, 2, 5, 5)
+
+    def program(session: veil.Session) -> Any:
+        net = share_model(session, module if session.party == "bob" else None, owner="bob", training=True).eval()
+        return net(session.share(x if session.party == "alice" else None, owner="alice")).reveal(to="alice")
+
+    with torch.no_grad():
+        want = module.eval()(x)
+    got = run_local(program)["alice"]
+    assert float((got - want).abs().max()) < 1e-2

@@ -101,6 +101,10 @@ def forward(model: SecureModel, *inputs: Any) -> tuple[Any, Tape]:
             out, ctx = rule(*args, **attrs)
         else:
             out, ctx = IMPLEMENTATIONS[node.op](*args, **attrs), {"args": args}
+        for index, value in ctx.pop("updates", {}).items():  # state a forward moves (running statistics)
+            ref = node.args[index]
+            if isinstance(ref, Ref) and ref.name in model.params:
+                model.params[ref.name] = value
         env[node.name] = out
         tape.ctx[node.name] = ctx
         tape.values[node.name] = out
@@ -466,6 +470,58 @@ def _bn_back(ctx: Ctx, g: Any, want: list[bool]) -> tuple[Any, ...]:
     gs = mul(g, x).sum(reduce_dims) if want[1] else None
     gsh = g.sum(reduce_dims) if want[2] else None
     return gx, gs, gsh
+
+
+@forward_rule("batch_norm_train")
+def _bn_train_fwd(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, *, eps: float,
+                  momentum: float, prefix: str = "") -> tuple[Any, Ctx]:
+    """Batch statistics over every dimension but the channels (1): ``xhat = (x - mean) rsqrt(var + eps)``
+    (one square, :func:`veil.mpc.approx.rsqrt_wide`, one product), ``y = xhat w + b`` (one product);
+    the running statistics move by ``momentum`` (the variance unbiased, as PyTorch)."""
+    from veil.mpc.approx import rsqrt_wide
+    from veil.nn.ops import _channel_view, add, mul
+
+    if not is_secret(x):
+        raise UnsupportedGradientError("training BatchNorm on a public input: share the input")
+    nd = x.dim()
+    dims = (0, *range(2, nd))
+    count = x.numel() // x.shape[1]
+    mean = x.mean(dims)
+    xc = x - _channel_view(mean, nd)
+    var = xc.square().mean(dims)
+    inv = rsqrt_wide(var + eps)
+    xhat = xc * _channel_view(inv, nd)
+    y = mul(xhat, _channel_view(weight, nd)) if weight is not None else xhat
+    if bias is not None:
+        y = add(y, _channel_view(bias, nd))
+    unbiased = var * (count / max(count - 1, 1))
+    updates = {3: running_mean * (1 - momentum) + mean * momentum,
+               4: running_var * (1 - momentum) + unbiased * momentum}
+    return y, {"xhat": xhat, "inv": inv, "weight": weight, "count": count, "updates": updates}
+
+
+@backward_rule("batch_norm_train")
+def _bn_train_back(ctx: Ctx, g: Any, want: list[bool], **_: Any) -> tuple[Any, ...]:
+    """``dx = inv (dxhat - mean(dxhat) - xhat mean(dxhat xhat))`` with ``dxhat = g w``;
+    ``dw = sum(g xhat)``, ``db = sum(g)`` (over every dimension but the channels)."""
+    from veil.nn.ops import _channel_view
+
+    xhat, inv, weight = ctx["xhat"], ctx["inv"], ctx["weight"]
+    nd = xhat.dim()
+    dims = (0, *range(2, nd))
+    w_view = _channel_view(weight, nd) if weight is not None else None
+    dxhat, g_xhat = _products([w_view is not None, want[1]],
+                              [(g, w_view, "mul", {}), (g, xhat, "mul", {})])
+    dxhat = g if dxhat is None else dxhat
+    dw = g_xhat.sum(dims) if g_xhat is not None else None
+    db = g.sum(dims) if len(want) > 2 and want[2] else None
+    gx = None
+    if want[0]:
+        (proj,) = _products([True], [(dxhat, xhat, "mul", {})])
+        centered = dxhat - _channel_view(dxhat.mean(dims), nd)
+        (corr,) = _products([True], [(xhat, _channel_view(proj.mean(dims), nd), "mul", {})])
+        (gx,) = _products([True], [(centered - corr, _channel_view(inv, nd), "mul", {})])
+    return gx, dw, db, None, None
 
 
 # ---- shape ---------------------------------------------------------------------------------------

@@ -102,10 +102,18 @@ def _conv2d(b: _Builder, name: str, m: nn.Conv2d, args: list[Any]) -> Ref | None
 @converts_module(nn.BatchNorm1d, nn.BatchNorm2d)
 def _batch_norm(b: _Builder, name: str, m: nn.modules.batchnorm._BatchNorm, args: list[Any]) -> Ref | None:
     if b.training:
-        b.problems.append(f"{name}: {type(m).__name__} cannot be trained on shares yet (its batch statistics "
-                          f"need a secret inverse square root per batch); train without it, or train in "
-                          f"plaintext and run inference with it (it is folded then)")
-        return None
+        if m.running_mean is None or m.running_var is None:
+            b.problems.append(f"{name}: {type(m).__name__} without running statistics cannot be trained on shares "
+                              f"(track_running_stats=True is needed to run the trained model)")
+            return None
+        w = b.param(f"{name}.weight", m.weight, key=f"{name}.weight") if m.weight is not None else None
+        bias = b.param(f"{name}.bias", m.bias, key=f"{name}.bias") if m.bias is not None else None
+        mean = b.param(f"{name}.running_mean", m.running_mean, key=f"{name}.running_mean")
+        var = b.param(f"{name}.running_var", m.running_var, key=f"{name}.running_var")
+        for ref in (mean, var):  # statistics, not trained by gradients
+            b.nodes[-1 if ref is var else -2].attrs["buffer"] = True
+        return b.emit(name, "batch_norm_train", args[0], w, bias, mean, var, eps=float(m.eps),
+                      momentum=0.1 if m.momentum is None else float(m.momentum), prefix=name)
     if m.running_mean is None or m.running_var is None:
         b.problems.append(f"{name}: {type(m).__name__} without running statistics "
                           f"(track_running_stats=False) has no inference form; train with running stats")

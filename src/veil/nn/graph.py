@@ -31,7 +31,7 @@ MAX_PARAM_ELEMENTS = 1 << 31
 OPS = frozenset({
     "input", "param", "output",
     # linear layers (bilinear in a secret input and secret weights)
-    "linear", "conv2d", "batch_norm",
+    "linear", "conv2d", "batch_norm", "batch_norm_train",
     # activations
     "relu", "sigmoid", "tanh", "softmax", "log_softmax",
     # pooling

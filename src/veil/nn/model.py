@@ -46,6 +46,7 @@ class SecureModel:
         self.params = dict(params)
         self.grads: dict[str, SecretTensor] = {}
         self.training = False
+        self.bn_steps = 0  # training forwards run (PyTorch's BatchNorm num_batches_tracked)
         self._last_use = _last_uses(graph)
 
     @property
@@ -59,6 +60,7 @@ class SecureModel:
         if self.training and self.shared:
             from veil.nn.autodiff import forward
 
+            self.bn_steps += 1
             return forward(self, *inputs)[0]
         names = self.graph.inputs
         if len(inputs) != len(names):
@@ -99,7 +101,7 @@ class SecureModel:
         """The parameters as torch-style handles (``.data``, ``.grad``) for the optimizers."""
         from veil.nn.optim import Parameter
 
-        return [Parameter(self, name) for name in self.graph.params]
+        return [Parameter(self, n.name) for n in self.graph.nodes if n.op == "param" and not n.attrs.get("buffer")]
 
     def named_parameters(self) -> list[tuple[str, Parameter]]:
         return [(p.name, p) for p in self.parameters()]
@@ -133,6 +135,9 @@ class SecureModel:
             size = math.prod(shape)
             out[node.attrs.get("key", n)] = opened[off:off + size].reshape(shape).float()
             off += size
+        for node in self.graph.nodes:  # PyTorch's BatchNorm also keeps a (public) step counter
+            if node.op == "batch_norm_train" and node.attrs.get("prefix"):
+                out[f"{node.attrs['prefix']}.num_batches_tracked"] = torch.tensor(self.bn_steps, dtype=torch.long)
         return out
 
     def share(self, session: Session, *, owner: str) -> SecureModel:

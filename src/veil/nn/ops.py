@@ -72,6 +72,21 @@ def batch_norm(x: Any, scale: Any, shift: Any) -> Any:
     return add(mul(x, _channel_view(scale, x.dim())), _channel_view(shift, x.dim()))
 
 
+@implements("batch_norm_train")
+def batch_norm_eval(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, *, eps: float,
+                    momentum: float, prefix: str = "") -> Any:
+    """A trainable BatchNorm outside training: normalise with the running statistics (an inverse
+    square root of the secret running variance, see :func:`veil.mpc.approx.rsqrt_wide`)."""
+    if not is_secret(x) and not is_secret(running_var):
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    from veil.mpc.approx import rsqrt_wide
+
+    inv = rsqrt_wide(running_var + eps) if is_secret(running_var) else (running_var + eps).rsqrt()
+    scale = mul(inv, weight) if weight is not None else inv
+    y = mul(sub(x, _channel_view(running_mean, x.dim())), _channel_view(scale, x.dim()))
+    return y if bias is None else add(y, _channel_view(bias, x.dim()))
+
+
 # ---- activations ---------------------------------------------------------------------------------
 @implements("relu")
 def relu(x: Any) -> Any:
