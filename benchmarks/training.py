@@ -99,7 +99,14 @@ def build_model(name: str) -> nn.Module:
 def optimizer_args(name: str, override: str = "") -> dict[str, float]:
     """SGD's hyperparameters for ``name``; ``override`` (JSON, from --lr/--momentum) replaces some."""
     args = {"mlp": {"lr": 0.05}, "lenet": {"lr": 0.05, "momentum": 0.9}, "small": {"lr": 0.1}}[name]
-    return {**args, **(json.loads(override) if override else {})}
+    extra = {k: v for k, v in (json.loads(override) if override else {}).items() if k != "schedule"}
+    return {**args, **extra}
+
+
+def lr_for_epoch(override: str, epoch: int) -> float | None:
+    """The learning rate of ``epoch`` (1-based) from --lr-schedule, or None (keep the optimizer's)."""
+    schedule = json.loads(override).get("schedule") if override else None
+    return float(schedule[min(epoch, len(schedule)) - 1]) if schedule else None
 
 
 def small_rows(owner: str, n: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,6 +216,9 @@ def program(session: veil.Session, name: str, epochs: int, samples: int, test_sa
     rows = []
     for epoch in range(1, epochs + 1):
         train.visited = []
+        lr = lr_for_epoch(sgd, epoch)
+        if lr is not None:
+            optimizer.lr = lr
         _barrier(session)
         t1 = time.perf_counter()
         history = fit(session, net, train, epochs=1, batch_size=batch_size, optimizer=optimizer, loss_fn=loss_fn,
@@ -277,7 +287,11 @@ def plaintext(name: str, samples: int, test_samples: int, visited: list[list[tor
     model = build_model(name)
     opt = torch.optim.SGD(model.parameters(), **optimizer_args(name, sgd))
     rows = []
-    for batches in visited:
+    for epoch, batches in enumerate(visited, start=1):
+        lr = lr_for_epoch(sgd, epoch)
+        if lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr
         model.train()
         losses = []
         t0 = time.perf_counter()
@@ -329,7 +343,8 @@ def run(name: str, epochs: int, samples: int, test_samples: int, batch_size: int
             "plaintext_test_accuracy": p["test_accuracy"], "overhead": round(seconds / p["seconds"], 1),
             "setup_seconds": round(max(a["setup_seconds"], b["setup_seconds"]), 3),
             "peak_rss_mb": round(max(a["peak_rss_mb"], b["peak_rss_mb"]), 1),
-            "optimizer": {"sgd": optimizer_args(name, sgd)}, "truncation": TRUNCATION["mode"],
+            "optimizer": {"sgd": optimizer_args(name, sgd), "lr": lr_for_epoch(sgd, ea["epoch"])},
+            "truncation": TRUNCATION["mode"],
         })
     return lines
 
@@ -376,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                          "matmul/convolution, never a large error)")
     ap.add_argument("--lr", type=float, help="SGD learning rate (default per model, see above)")
     ap.add_argument("--momentum", type=float, help="SGD momentum (default per model, see above)")
+    ap.add_argument("--lr-schedule", help="comma-separated learning rate per epoch (the last one repeats)")
     ap.add_argument("--timeout", type=float, default=7200.0)
     args = ap.parse_args(argv)
     TRUNCATION["mode"] = args.truncation
@@ -396,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
             lines = profile(name, samples, args.batch_size, args.labels, args.profile_batches, args.frac_bits,
                             args.timeout)
         else:
-            sgd = json.dumps({k: v for k, v in (("lr", args.lr), ("momentum", args.momentum)) if v is not None})
+            schedule = [float(v) for v in args.lr_schedule.split(",")] if args.lr_schedule else None
+            sgd = json.dumps({k: v for k, v in (("lr", args.lr), ("momentum", args.momentum), ("schedule", schedule))
+                              if v is not None})
             lines = run(name, args.epochs, samples, args.test_samples, args.batch_size, args.labels, args.order,
                         args.frac_bits, args.timeout, sgd if sgd != "{}" else "")
         for line in lines:
