@@ -86,9 +86,9 @@ def _train_process(d: Path, ckpt: str, *extra: str) -> subprocess.Popen[str]:
     code = ("import sys; from veil.cli.main import main; sys.path.insert(0, sys.argv[1]); "
             "sys.exit(main(sys.argv[2:]))")
     argv = [sys.executable, "-c", code, str(d), "train", "--arch", "digitnet_for_tests:DigitNet", "--shares",
-            str(d / "shares"), "--name", "digits", "--lr", "0.1", "--momentum", "0.9", "--reveal-to", "",
+            str(d / "shares"), "--name", "digits", "--lr", "0.02", "--momentum", "0.5", "--reveal-to", "",
             "--checkpoint-dir", str(d / ckpt), "--seed", SEED, "--epochs", "3", "--weights-to", "alice",
-            "--batch-size", "16", "--no-progress", *extra]
+            "--batch-size", "16", "--init", str(d / "init.pt"), "--no-progress", *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -96,6 +96,11 @@ SEED = "00112233445566778899aabbccddeeff"
 
 
 def test_a_killed_training_resumes_to_the_weights_of_an_uninterrupted_run(workdir: Path) -> None:
+    import digitnet_for_tests  # written by the fixture
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.save(digitnet_for_tests.DigitNet().state_dict(), workdir / "init.pt")  # both runs start here
     whole = _train_process(workdir, "ck-whole", "--out", str(workdir / "whole.pt"))
     assert whole.wait(timeout=300) == 0, whole.communicate()
     killed = _train_process(workdir, "ck-killed", "--out", str(workdir / "killed.pt"))
