@@ -181,7 +181,7 @@ def test_both_optimizers_over_three_steps(opt: str) -> None:
     module = _seeded(12, lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)))
     # Adam divides by sqrt(v): a gradient error d moves a weight by up to lr d / eps, so it is checked
     # with MSE (gradients within ~1e-5), SGD with momentum and weight decay at lr 0.5
-    check_step(module, _randn(13, 8, 5), _randn(14, 8, 3), opt=opt, steps=3, atol=2e-3)
+    check_step(module, _randn(13, 8, 5), _randn(14, 8, 3), opt=opt, steps=3, atol=5e-4)
 
 
 def test_losses_refuse_outputs_without_a_training_forward() -> None:

@@ -14,7 +14,9 @@
   :func:`adam_ratio_parts`, relative error 1.2e-3), so the update equals PyTorch's (with the same
   ``eps``, inside the root) for gradients up to ``4096 eps`` in magnitude (4 at the default ``eps``); beyond, the
   moments saturate. The default ``eps`` is 1e-3 (PyTorch's 1e-8 is below what 16 fractional bits
-  resolve). One step: 1 + 5 + 23 + 1 rounds for all parameters of one tensor.
+  resolve). The moments are stored multiplied by 2^6 (m) and 2^12 (v): ``(1 - beta2) g^2`` alone would
+  be about one unit of 16-bit fixed point and lose its precision at every step. One step: 1 + 5 + 23
+  + 1 rounds for all parameters together.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from veil.mpc.tensor import SecretTensor
 
 ADAM_EPS_SCALED = 2.0**-3  # eps times the gradient scale
+ADAM_M_GAIN, ADAM_V_GAIN = 2.0**6, 2.0**12  # the moments' state is kept multiplied by these
 
 
 class Parameter:
@@ -157,18 +160,20 @@ class Adam(Optimizer):
                 g = g + p.data * self.weight_decay
             gs.append((g * self.scale).reshape(-1))
         flat_g = cat(gs)
-        sq = flat_g.square() * (1 - self.b2)
+        # the moments are kept amplified (m by 2^6, v by 2^12): (1 - beta2) g^2 is ~1e-5 for a scaled
+        # gradient of 0.1, a single unit of 16-bit fixed point, and would be lost step after step
+        sq = flat_g.square() * ((1 - self.b2) * ADAM_V_GAIN)
         t = self.steps
         m_hats, v_hats, off = [], [], 0
         for (p, _), g in zip(live, gs):
             n = g.numel()
             state = self.state[p.name]
             m, v = state.get("exp_avg"), state.get("exp_avg_sq")
-            m = g * (1 - self.b1) if m is None else m * self.b1 + g * (1 - self.b1)
+            m = g * ((1 - self.b1) * ADAM_M_GAIN) if m is None else m * self.b1 + g * ((1 - self.b1) * ADAM_M_GAIN)
             v = sq[off:off + n] if v is None else v * self.b2 + sq[off:off + n]
             state["exp_avg"], state["exp_avg_sq"] = m, v
-            m_hats.append(m * (1.0 / (1 - self.b1**t)))
-            v_hats.append(v * (1.0 / (1 - self.b2**t)) + ADAM_EPS_SCALED**2)
+            m_hats.append(m * (1.0 / ((1 - self.b1**t) * ADAM_M_GAIN)))
+            v_hats.append(v * (1.0 / ((1 - self.b2**t) * ADAM_V_GAIN)) + ADAM_EPS_SCALED**2)
             off += n
         m_hat, denom = adam_ratio_parts(cat(m_hats), cat(v_hats))
         update = (m_hat * denom) * self.lr
