@@ -242,7 +242,7 @@ def test_small_network_loss_curve_tracks_plaintext_within_0_02() -> None:
             loss = F.binary_cross_entropy(model(x[i:i + 32]), y[i:i + 32])
             loss.backward()
             opt.step()
-            total += float(loss) * len(x[i:i + 32])
+            total += loss.item() * len(x[i:i + 32])
         plain.append(total / len(x))
     secure = run_local(_small_training, 4)["alice"]
     assert plain[-1] < plain[0] - 0.05  # it learns
