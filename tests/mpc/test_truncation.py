@@ -49,7 +49,7 @@ def test_exact_truncation_never_fails_where_local_truncation_does(mode: str) -> 
 
 
 def test_exact_truncation_of_convolutions_and_of_both_backward_products_in_one_round() -> None:
-    from veil.mpc.tensor import products
+    from veil.mpc.products import products
 
     def program(session: veil.Session, x: torch.Tensor, w: torch.Tensor) -> Any:
         sx = session.share(x if session.party == "alice" else None, owner="alice")

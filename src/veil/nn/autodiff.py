@@ -193,7 +193,7 @@ def _pair(v: Any) -> tuple[int, int]:
 
 def _products(want: Sequence[bool], items: Sequence[tuple[Any, Any, str, dict[str, Any]]]) -> list[Any]:
     """The wanted ones of independent products, in one round (see veil.mpc.tensor.products)."""
-    from veil.mpc.tensor import products
+    from veil.mpc.products import products
 
     chosen = [item for w, item in zip(want, items) if w]
     got = iter(products(chosen))
