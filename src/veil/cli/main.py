@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from veil.cli import infer, keygen, run, share, train
+from veil.cli import infer, keygen, m209, run, share, train
 
 # --- Registered command modules (add new ones here, in the order `veil --help` lists them) ---------
 COMMANDS: tuple[ModuleType, ...] = (
@@ -23,6 +23,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     infer,
     share,
     train,
+    m209,
 )
 
 

@@ -200,6 +200,26 @@ def drum_tables(lugs: npt.ArrayLike) -> npt.NDArray[np.uint8]:
     return (lug_pair_counts(lugs) @ _PAIR_HITS.astype(np.int64)).astype(np.uint8)
 
 
+def drum_tables_from_counts(counts: npt.ArrayLike) -> npt.NDArray[np.uint8]:
+    """``(K, 22)`` lug-pair counts (``LUG_PAIRS`` order) to ``(K, 64)`` drum tables."""
+    c = np.asarray(counts)
+    if c.ndim != 2 or c.shape[1] != len(LUG_PAIRS) or not np.issubdtype(c.dtype, np.integer):
+        raise ValueError(f"lug-pair counts: need integer shape (K, {len(LUG_PAIRS)}), got {c.dtype} {c.shape}")
+    if c.size and (c.min() < 0 or (c.sum(axis=1) != NUM_BARS).any()):
+        raise ValueError(f"lug-pair counts: need non-negative counts summing to {NUM_BARS} per key")
+    return (c.astype(np.int64) @ _PAIR_HITS.astype(np.int64)).astype(np.uint8)
+
+
+def keystream_from_tables(pins: npt.ArrayLike, tables: npt.ArrayLike, positions: npt.ArrayLike,
+                          length: int) -> npt.NDArray[np.uint8]:
+    """As ``keystream``, with the lugs given as drum tables (``drum_tables``, ``drum_tables_from_counts``)."""
+    t = np.asarray(tables)
+    masks = effective_masks(pins, positions, length)
+    if t.shape != (masks.shape[0], 64):
+        raise ValueError(f"drum tables: need shape ({masks.shape[0]}, 64), got {t.shape}")
+    return np.take_along_axis(t, masks.astype(np.intp), axis=1)
+
+
 def effective_masks(pins: npt.ArrayLike, positions: npt.ArrayLike, length: int) -> npt.NDArray[np.uint8]:
     """``(K, length)`` 6-bit masks of the wheels whose presented pin is effective, letter by letter."""
     p = _check_pins(pins)
