@@ -20,7 +20,7 @@ One JSON object per line:
   known letters are reproduced), ``seconds`` (wall time, both cores), ``seconds_per_key_mean`` /
   ``_median`` (search time per key, network inference excluded), ``time_limit``.
 
-    python benchmarks/m209.py                 # 10,000 test keys; recovery on 200 keys for L = 104, 200
+    python benchmarks/m209.py                 # 10,000 test keys; recovery on 500 keys for L = 52, 104, 200
     python benchmarks/m209.py --quick         # 300 test keys, recovery on 40 keys
 """
 
@@ -75,15 +75,15 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=None, help="test keys (default 10,000; --quick 300)")
     ap.add_argument("--data", default=None, metavar="DIR", help="use DIR/test/packed instead of fresh keys")
     ap.add_argument("--model", action="append", default=[], help="PinNet file(s); default the shipped models")
-    ap.add_argument("--recovery-letters", default="104,200", help="L values for key recovery (comma-separated)")
-    ap.add_argument("--recovery-keys", type=int, default=None, help="keys per L (default 200; --quick 40)")
-    ap.add_argument("--time-limit", type=float, default=30.0, help="search seconds per key (default 30)")
+    ap.add_argument("--recovery-letters", default="52,104,200", help="L values for key recovery (comma-separated)")
+    ap.add_argument("--recovery-keys", type=int, default=None, help="keys per L (default 500; --quick 40)")
+    ap.add_argument("--time-limit", type=float, default=10.0, help="search seconds per key (default 10)")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: keystream,pins,recovery")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     n_keys = args.keys or (300 if args.quick else 10_000)
-    n_rec = args.recovery_keys or (40 if args.quick else 200)
+    n_rec = args.recovery_keys or (40 if args.quick else 500)
 
     import torch
 

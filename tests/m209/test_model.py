@@ -75,7 +75,7 @@ def test_model_file_round_trip_and_tampering(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """3,000 train and 300 test keys, 200 letters; a PinNet trained for 150 steps through the CLI."""
+    """3,000 train and 300 test keys, 200 letters; a PinNet trained for 120 steps through the CLI."""
     root = tmp_path_factory.mktemp("m209")
     data = root / "data"
     for split, n in (("train", 3000), ("test", 300)):
@@ -84,7 +84,7 @@ def tiny(tmp_path_factory):
                      "--no-progress"]) == 0
         assert main(["m209", "pack", "--data", str(data), "--split", split]) == 0
     model = root / "pinnet.pt"
-    assert main(["m209", "train", "--data", str(data), "--letters", "200", "--out", str(model), "--max-steps", "150",
+    assert main(["m209", "train", "--data", str(data), "--letters", "200", "--out", str(model), "--max-steps", "120",
                  "--eval-every", "50", "--val-keys", "300", "--no-progress"]) == 0
     return data, model
 

@@ -272,8 +272,11 @@ def _text_arg(value: str) -> str:
     """A text given on the command line or as a file: upper-cased, line breaks and tabs removed."""
     from pathlib import Path
 
-    p = Path(value)
-    text = p.read_text() if p.is_file() else value
+    try:
+        is_file = Path(value).is_file()
+    except OSError:  # e.g. a long ciphertext given inline: "file name too long"
+        is_file = False
+    text = Path(value).read_text() if is_file else value
     return "".join(text.upper().replace("\t", "").splitlines()).strip()
 
 
