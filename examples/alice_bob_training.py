@@ -55,7 +55,7 @@ def plaintext_losses() -> list[float]:
     y = torch.cat([hospital_rows("alice")[1], hospital_rows("bob")[1]])
     model = initial_model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    from veil.data.shares import shuffle_order
+    from veil.data.peer import shuffle_order
     from veil.nn.train import _epoch_seed
 
     curve = []

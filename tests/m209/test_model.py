@@ -99,7 +99,8 @@ def test_pipeline_learns_far_above_chance(tiny, tmp_path, capsys):
     summary = json.loads((out / "m209-L200.json").read_text())
     assert summary["keys"] == 300 and summary["pin_accuracy"] > 0.7
     assert len(summary["pin_accuracy_per_wheel"]) == 6
-    assert sorted(p.name for p in out.glob("*.png"))  # plots were written
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "m209-L200-by-overlaps.png", "m209-L200-per-wheel.png", "m209-L200-pin-histogram.png"]
     assert "pin accuracy" in capsys.readouterr().out
 
 

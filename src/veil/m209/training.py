@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from veil.files import atomic_writer
 from veil.m209.dataset import PackedSet
+from veil.m209.evaluate import per_key_pin_accuracy
 from veil.m209.keys import generate_pins, generate_positions, make_rng
 from veil.m209.machine import drum_tables_from_counts, keystream_from_tables
 from veil.m209.model import LUG_CLASSES, PinNet, PinNetConfig, predict, save_model
@@ -119,7 +120,7 @@ class _Batches:
 def evaluate_pins(net: PinNet, data: PackedSet, rows: npt.NDArray[np.int64], letters: int) -> dict[str, float]:
     """Pin accuracy and lug-count accuracy of ``net`` on the given rows of ``data``."""
     probs, lug_probs = predict(net, data.keystream[rows, :letters], data.positions[rows])
-    pin_acc = float(((probs > 0.5) == data.pins[rows].astype(bool)).mean())
+    pin_acc = float(per_key_pin_accuracy(probs, data.pins[rows]).mean())
     lug_acc = float((lug_probs.argmax(axis=2) == data.lugs[rows]).mean())
     return {"pin_accuracy": pin_acc, "lug_accuracy": lug_acc}
 

@@ -33,7 +33,6 @@ Every node is checked; all unsupported ops and attributes are listed in one
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +43,8 @@ import torch
 
 from veil.nn.convert import UnsupportedModelError, _Builder
 from veil.nn.graph import Graph, Ref
-from veil.nn.load import ModelFileError
 from veil.nn.model import SecureModel
+from veil.nn.onnx_load import _attrs, _load, _static_shapes
 from veil.nn.rewrites import fold_batch_norms, pool_before_activation
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -129,66 +128,6 @@ _HINTS = {
 def _supported() -> str:
     shown = sorted(op for op in CONVERTERS if op not in ("Cast", "Shape", "Gather", "Unsqueeze", "Squeeze", "Slice"))
     return "Supported ONNX ops: " + ", ".join(shown) + " (and the shape arithmetic of x.view(x.size(0), -1))."
-
-
-# ---- loading -------------------------------------------------------------------------------------
-def _load(source: str | Path | bytes | bytearray | memoryview) -> tuple[Any, str]:
-    try:
-        import onnx
-    except ImportError:
-        raise ImportError("from_onnx needs the onnx package: pip install 'veil[onnx]'") from None
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        raw, label = bytes(source), f"<ONNX model of {len(source)} bytes>"
-        if not raw:
-            raise ModelFileError(f"{label}: empty: an ONNX model file is never empty")
-        try:
-            model = onnx.load_from_string(raw)
-        except Exception as e:  # protobuf's DecodeError and kin: garbage bytes
-            raise ModelFileError(f"{label}: not an ONNX model ({type(e).__name__}: {e})") from None
-    else:
-        path = Path(source)
-        label = str(path)
-        if not path.is_file():
-            raise ModelFileError(f"{label}: no such file" if not path.exists() else f"{label}: not a file")
-        if path.stat().st_size == 0:
-            raise ModelFileError(f"{label}: the file is empty (an interrupted save?)")
-        try:
-            model = onnx.load(str(path))
-        except Exception as e:  # DecodeError for garbage, OSError for missing external data...
-            raise ModelFileError(f"{label}: not an ONNX model ({type(e).__name__}: {e})") from None
-    try:
-        onnx.checker.check_model(model)
-    except Exception as e:  # onnx.checker.ValidationError, and protobuf errors for huge models
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"{label}: not a valid ONNX model: {first}") from None
-    return model, label
-
-
-def _static_shapes(model: Any) -> dict[str, list[int | None]]:
-    """ONNX name -> dimensions (None where unknown), from shape inference where it succeeds."""
-    import onnx
-
-    with contextlib.suppress(Exception):  # shape inference is a help, not a requirement
-        model = onnx.shape_inference.infer_shapes(model)
-    shapes: dict[str, list[int | None]] = {}
-    g = model.graph
-    for info in [*g.input, *g.value_info, *g.output]:
-        t = info.type.tensor_type
-        if info.type.HasField("tensor_type") and t.HasField("shape"):
-            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    return shapes
-
-
-def _attrs(node: Any) -> dict[str, Any]:
-    import onnx
-
-    out: dict[str, Any] = {}
-    for a in node.attribute:
-        v = onnx.helper.get_attribute_value(a)
-        if isinstance(v, bytes):
-            v = v.decode("utf-8", "replace")
-        out[a.name] = v
-    return out
 
 
 def _base(name: str, op: str) -> str:

@@ -59,7 +59,7 @@ class TensorDataset:
 
     def batches(self, batch_size: int, *, shuffle_seed: bytes | None, drop_last: bool = False
                 ) -> Iterator[dict[str, SecretTensor]]:
-        from veil.data.shares import shuffle_order
+        from veil.data.peer import shuffle_order
 
         n = len(self)
         order = None if shuffle_seed is None else shuffle_order(shuffle_seed, n)
@@ -166,7 +166,7 @@ def fit(session: Session, model: SecureModel, data: Any, *, epochs: int, batch_s
                 check_input_shape(model.graph, (1, *shape[1:]))
             except ValueError as e:
                 raise ValueError(f"the {what} data (x of shape {tuple(shape)}): {e}") from None
-    from veil.data.shares import agree_seed
+    from veil.data.peer import agree_seed
 
     model.train()
     history = History()
