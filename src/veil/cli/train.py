@@ -6,29 +6,34 @@ import argparse
 import json
 from typing import Any
 
+from veil.cli.dp_train import add_dp_arguments, run_dp
 from veil.cli.parties import add_party_arguments, check_party_arguments
 from veil.cli.parties import run_job as run_parties
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "train", help="train a model on secret-shared data: inputs, labels, model all stay secret",
+        "train", help="train a model on secret-shared data (inputs, labels, model all stay secret), or with "
+                      "differential privacy on your own data (--dp)",
         description="Each party reads its own share files (DIR/NAME.PARTY.veilshares, written by `veil share`). "
                     "The model owner builds the architecture (and may load initial weights), shares it, and "
                     "the parties train on shares with checkpoints every epoch. The loss and test accuracy are "
                     "revealed only to --reveal-to, the final weights only to --weights-to. Without --party: all "
-                    "parties on this machine; with --party NAME --peers FILE: one party of a multi-host run.")
-    p.add_argument("--arch", required=True, help="architecture: lenet, mlp, small, or 'package.module:Class'")
+                    "parties on this machine; with --party NAME --peers FILE: one party of a multi-host run. "
+                    "With --dp: DP-SGD (Opacus) on plaintext data you hold (--data), the noise calibrated to "
+                    "--epsilon/--delta, the spent epsilon reported every epoch and saved with the model.")
+    p.add_argument("--arch", required=True, help="architecture: lenet, mlp, small, or 'package.module:Class'; "
+                                                  "with --dp also scatter-linear, scatter-cnn, tanh-cnn")
     p.add_argument("--init", metavar="FILE", help="model owner: initial weights (state_dict .pt)")
     p.add_argument("--model-owner", default="bob", help="party that holds the initial model (default bob)")
-    p.add_argument("--shares", required=True, metavar="DIR", help="directory of the share files")
-    p.add_argument("--name", required=True, help="name of the training data's share files")
+    p.add_argument("--shares", metavar="DIR", help="directory of the share files (required without --dp)")
+    p.add_argument("--name", help="name of the training data's share files (required without --dp)")
     p.add_argument("--test-name", help="name of the test data's share files (accuracy after each epoch)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, help="default 1 (--dp: the architecture's recipe)")
+    p.add_argument("--batch-size", type=int, help="default 64 (--dp: expected Poisson batch, the recipe's)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--lr", type=float, help="learning rate (default 0.05; --dp: the recipe's)")
+    p.add_argument("--momentum", type=float, help="default 0 (--dp: 0.9)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--loss", default="ce", choices=["ce", "mse", "bce", "bce-logits", "nll"])
     p.add_argument("--classes", type=int, help="number of classes when labels are indices (default: the "
@@ -47,6 +52,7 @@ def register(subparsers: Any) -> None:
                         "large error; local: no round, a large error with probability ~|x| 2^-32 per element, "
                         "which a long training eventually meets")
     add_party_arguments(p, timeout=300.0)
+    add_dp_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -71,10 +77,18 @@ def run(args: argparse.Namespace) -> int:
     from veil.mpc.session import SessionOptions
     from veil.nn.training_job import TrainingJob, run_training
 
+    if args.dp:
+        if args.party or args.peers or args.shares:
+            raise ValueError("--dp trains here on plaintext data you hold: drop --party/--peers/--shares")
+        return run_dp(args)
+    if not (args.shares and args.name):
+        raise ValueError("veil train needs --shares DIR and --name NAME (secret-shared data; see `veil share`), "
+                         "or --dp --data ... for DP-SGD on your own data")
     local = check_party_arguments(args)
     job = TrainingJob(arch=args.arch, shares=args.shares, name=args.name, test_name=args.test_name, init=args.init,
-                      model_owner=args.model_owner, epochs=args.epochs, batch_size=args.batch_size,
-                      optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                      model_owner=args.model_owner, epochs=args.epochs or 1, batch_size=args.batch_size or 64,
+                      optimizer=args.optimizer, lr=args.lr or 0.05, momentum=args.momentum or 0.0,
+                      weight_decay=args.weight_decay,
                       loss=args.loss, classes=args.classes, reveal_to=_parties(args.reveal_to),
                       weights_to=_parties(args.weights_to), loss_every=args.loss_every,
                       checkpoint_dir=args.checkpoint_dir, resume=args.resume, out=args.out, plot=args.plot,

@@ -1,6 +1,7 @@
 """Differential privacy: mechanisms (Laplace, Gaussian, randomized response, exponential), query
-sensitivity on bounded data, private count/sum/mean, and privacy accounting (basic, advanced and
-RDP composition). Noise always comes from an injected or ``secrets``-seeded numpy ``Generator``."""
+sensitivity on bounded data, private count/sum/mean, privacy accounting (basic, advanced and RDP
+composition), PATE (teachers, noisy aggregation, student, data-dependent analysis) and DP-SGD
+through Opacus (``train_dp``). Noise always comes from an injected or ``secrets``-seeded generator."""
 
 from veil.dp.composition import (
     PrivacyAccountant,
@@ -30,14 +31,41 @@ from veil.dp.mechanisms import (
     sum_sensitivity,
     threshold_count_sensitivity,
 )
+from veil.dp.pate import gnmax_aggregate, lnmax_aggregate, pate_epsilon, vote_histograms
+from veil.dp.pate_labels import PateLabels, label_public_data
+from veil.dp.pate_training import (
+    PateResult,
+    partition_disjoint,
+    run_pate,
+    teacher_predictions,
+    train_student,
+    train_teachers,
+)
+from veil.dp.train import (
+    DPSGDConfig,
+    DPTrainingError,
+    DPTrainResult,
+    EpochRecord,
+    calibrate_noise,
+    load_dp_model,
+    save_dp_model,
+    train_dp,
+)
 
 __all__ = [
+    "DPSGDConfig",
+    "DPTrainResult",
+    "DPTrainingError",
+    "EpochRecord",
+    "PateLabels",
+    "PateResult",
     "PrivacyAccountant",
     "PrivacyEvent",
     "PrivacySpent",
     "ProportionEstimate",
     "advanced_composition",
     "basic_composition",
+    "calibrate_noise",
     "compose_gaussian",
     "count_sensitivity",
     "exponential_mechanism",
@@ -46,14 +74,27 @@ __all__ = [
     "gaussian_mechanism",
     "gaussian_sigma_analytic",
     "gaussian_sigma_classic",
+    "gnmax_aggregate",
     "keep_probability",
+    "label_public_data",
     "laplace_mechanism",
+    "lnmax_aggregate",
+    "load_dp_model",
     "mean_sensitivity",
+    "partition_disjoint",
+    "pate_epsilon",
     "private_count",
     "private_mean",
     "private_sum",
     "randomized_response",
     "randomized_response_estimate",
+    "run_pate",
+    "save_dp_model",
     "sum_sensitivity",
+    "teacher_predictions",
     "threshold_count_sensitivity",
+    "train_dp",
+    "train_student",
+    "train_teachers",
+    "vote_histograms",
 ]

@@ -12,8 +12,8 @@ Aggregators (each query is one row of an (N, C) histogram array; labels are argm
   2 / epsilon_per_query; ``lnmax_epsilon(gamma, k)`` = 2 gamma k is basic composition of k queries.
 - GNMax (Papernot et al. 2018): add N(0, sigma^2) to every count.
 - Confident GNMax (2018, Alg. 1): answer only if max count + N(0, sigma1^2) >= threshold, then
-  GNMax with sigma2; rejected queries get label -1. (The privacy cost of the threshold check, which
-  the paper also accounts for, is not computed in this module.)
+  GNMax with sigma2; rejected queries get label -1. (The threshold check's privacy cost is added by
+  ``veil.dp.pate_labels.label_public_data``.)
 
 Privacy (Renyi DP, Papernot et al. 2018):
 
