@@ -186,8 +186,8 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--arch", default="scatter-linear", choices=sorted(RECIPES))
     ap.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    ap.add_argument("--normalize", default="private", choices=["private", "group"],
-                    help="scatter-linear: per-channel statistics with DP (default), or per-example GroupNorm")
+    ap.add_argument("--normalize", default="group", choices=["private", "group"],
+                    help="scatter-linear: per-example GroupNorm (default) or per-channel statistics with DP")
     ap.add_argument("--limit", type=int, help="train on the first N training images only")
     ap.add_argument("--no-audit", dest="audit", action="store_false", help="skip the membership audit")
     ap.add_argument("--audit-only", action="store_true", help="only the membership audit")

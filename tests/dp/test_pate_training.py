@@ -24,15 +24,6 @@ from veil.dp.pate_training import (
 NUM_CLASSES = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models: one thread is as fast and leaves the machine's other cores alone
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, NUM_CLASSES))
 

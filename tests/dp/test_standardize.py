@@ -52,7 +52,6 @@ def test_standardize_module_and_errors():
 
 
 def test_prior_spending_is_composed_and_left_room_for():
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     x, y = torch.randn(600, 2, 3, 3), torch.randint(0, 3, (600,))
     norm, prior = private_standardizer(x, noise_multiplier=4.0, clip_norms=clip_norms_for(10.0, 9))

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from veil.dp.train import DPSGDConfig, DPTrainingError, EpochRecord, _quiet_opacus, secure_generator
+from veil.dp.sgd_accounting import DPTrainingError, quiet_opacus
+from veil.dp.train import DPSGDConfig, EpochRecord, secure_generator
 from veil.files import atomic_writer
 
 CHECKPOINT_FORMAT = "veil-dp-checkpoint/1"
@@ -53,7 +54,7 @@ class DPStepper:
             base = torch.optim.Adam(params, lr=config.lr)
         self.base_optimizer = base
         expected = max(1, round(sample_rate * records))
-        with _quiet_opacus():
+        with quiet_opacus():
             if config.clipping == "ghost":
                 self.module: nn.Module = GradSampleModuleFastGradientClipping(
                     model, batch_first=True, loss_reduction="mean", max_grad_norm=config.max_grad_norm,

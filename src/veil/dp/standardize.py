@@ -19,6 +19,12 @@ Clip norms must not be chosen by looking at the private data. When every input x
 ||x_i||_2 <= R (R = 28 for 28x28 pixels in [0, 1]) and the features are a non-expansive map of it
 (the scattering transform is: ||S x|| <= ||x||), then ||b_i||_2 <= ||x_i||^2 <= R^2 and
 ||a_i||_2 <= sqrt(m) R: ``clip_norms_for(R, m)`` gives these bounds, so nothing is clipped.
+
+Caveat, measured: such worst-case bounds are loose for channels whose values are small (second-order
+scattering coefficients), whose variance estimates then drown in the noise. On MNIST scattering
+features (sigma = 8, R = 28) a linear model with these statistics reached 98.26% at epsilon 8,
+against 98.97% with per-example GroupNorm (no privacy cost). Tighter public bounds (from a public
+data set of the same kind) are what makes this step pay off.
 """
 
 from __future__ import annotations

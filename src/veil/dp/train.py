@@ -34,7 +34,6 @@ names every replaced layer, and the list is kept in the result.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import logging
@@ -42,7 +41,7 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,14 +50,10 @@ import torch
 from torch import nn
 
 from veil.dp.composition import validate_delta, validate_epsilon
+from veil.dp.sgd_accounting import ACCOUNTANTS, DPTrainingError, calibrate_noise, quiet_opacus, spent_epsilon
 from veil.files import atomic_writer
 
-ACCOUNTANTS = ("prv", "rdp")
 MODEL_FORMAT = "veil-dp-model/1"
-
-
-class DPTrainingError(ValueError):
-    """A DP-SGD run that cannot start or go on: bad data, settings, model or checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -163,61 +158,6 @@ class DPTrainResult:
                 "history": [asdict(r) for r in self.history]}
 
 
-def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: str = "prv", prior: list[tuple[float, float, int]] | None = None) -> float:
-    """Smallest noise multiplier sigma whose epsilon after ``steps`` steps at ``sample_rate`` is <= target.
-
-    ``prior``: privacy already spent on the same data (accountant history, e.g. private feature
-    statistics), composed before the steps. Without it Opacus's ``get_noise_multiplier`` bisects;
-    with it the same bisection runs here on the composed history (tolerance 0.01 in epsilon)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    validate_epsilon(target_epsilon)
-    validate_delta(delta)
-    if not 0 < sample_rate <= 1:
-        raise DPTrainingError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    if accountant not in ACCOUNTANTS:
-        raise DPTrainingError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-    if steps < 1:
-        raise DPTrainingError(f"steps must be >= 1, got {steps}")
-    if not prior:
-        with _quiet_opacus():
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                              sample_rate=sample_rate, steps=steps, accountant=accountant))
-    if spent_epsilon(list(prior), delta, accountant) >= target_epsilon:
-        raise DPTrainingError(f"the prior spending alone already exceeds the target epsilon {target_epsilon}")
-
-    def eps(sigma: float) -> float:
-        return spent_epsilon([*prior, (sigma, sample_rate, steps)], delta, accountant)
-
-    low, high = 0.0, 10.0
-    while eps(high) > target_epsilon:
-        low, high = high, 2 * high
-        if high > 1e4:
-            raise DPTrainingError("no noise multiplier reaches the target epsilon")
-    while True:  # eps(high) <= target always; stop when it is within 0.01 of it
-        mid = (low + high) / 2
-        e = eps(mid)
-        if e <= target_epsilon:
-            high = mid
-            if target_epsilon - e < 0.01:
-                return high
-        else:
-            low = mid
-
-
-def spent_epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """Epsilon of a list of (noise_multiplier, sample_rate, steps) under ``accountant``."""
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
-    acc.history = list(history)
-    if not history:
-        return 0.0
-    with _quiet_opacus():
-        return float(acc.get_epsilon(delta=delta))
-
-
 def prepare_model(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     """The model Opacus can train: BatchNorm replaced as Opacus recommends (with a warning), else an error.
 
@@ -226,7 +166,7 @@ def prepare_model(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     """
     from opacus.validators import ModuleValidator
 
-    with _quiet_opacus():
+    with quiet_opacus():
         errors = ModuleValidator.validate(model, strict=False)
         fixes: tuple[str, ...] = ()
         if errors:
@@ -292,7 +232,7 @@ def train_dp(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *, conf
     log = logging.getLogger("veil.dp")
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
-        with _quiet_opacus():
+        with quiet_opacus():
             loss = stepper.run_epoch(x, y, steps=steps_per_epoch, device=device, progress=progress,
                                      desc=f"DP-SGD epoch {epoch + 1}/{config.epochs}")
         eps_prv = spent_epsilon(stepper.history, config.delta, "prv")
@@ -411,14 +351,3 @@ def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _quiet_opacus() -> Iterator[None]:
-    """Silence Opacus's repeated warnings (secure_mode, accountant internals) inside a block."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module="opacus")
-        warnings.filterwarnings("ignore", message=".*secure_mode.*")
-        warnings.filterwarnings("ignore", message=".*Optimal order.*")
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        yield
