@@ -31,6 +31,7 @@ from veil.dp.mechanisms import (
     sum_sensitivity,
     threshold_count_sensitivity,
 )
+from veil.dp.models import ScatterFeatures
 from veil.dp.pate import gnmax_aggregate, lnmax_aggregate, pate_epsilon, vote_histograms
 from veil.dp.pate_labels import PateLabels, label_public_data
 from veil.dp.pate_training import (
@@ -41,6 +42,7 @@ from veil.dp.pate_training import (
     train_student,
     train_teachers,
 )
+from veil.dp.standardize import Standardize, private_standardizer
 from veil.dp.train import (
     DPSGDConfig,
     DPTrainingError,
@@ -63,6 +65,8 @@ __all__ = [
     "PrivacyEvent",
     "PrivacySpent",
     "ProportionEstimate",
+    "ScatterFeatures",
+    "Standardize",
     "advanced_composition",
     "basic_composition",
     "calibrate_noise",
@@ -85,6 +89,7 @@ __all__ = [
     "pate_epsilon",
     "private_count",
     "private_mean",
+    "private_standardizer",
     "private_sum",
     "randomized_response",
     "randomized_response_estimate",
