@@ -99,6 +99,8 @@ def run_accuracy(args: argparse.Namespace, plots: Path) -> list[dict]:
         recipe = recipe_for(args.arch, eps)
         if args.epochs:
             recipe["epochs"] = args.epochs
+        if args.lr:
+            recipe["lr"] = args.lr
         config = DPSGDConfig(target_epsilon=eps, delta=args.delta, optimizer="sgd", momentum=0.9,
                              accountant="prv", clipping="ghost", **recipe)
         norm, prior = None, None
@@ -197,6 +199,7 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--arch", default="scatter-linear", choices=sorted(RECIPES))
     ap.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    ap.add_argument("--lr", type=float, help="override the recipe's learning rate")
     ap.add_argument("--normalize", default="group", choices=["private", "group"],
                     help="scatter-linear: per-example GroupNorm (default) or per-channel statistics with DP")
     ap.add_argument("--limit", type=int, help="train on the first N training images only")
