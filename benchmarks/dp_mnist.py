@@ -40,7 +40,8 @@ from torch import nn
 from veil.data.mnist import load_mnist
 from veil.dp.models import ScatterFeatures, scatter_cnn, scatter_linear
 from veil.dp.standardize import clip_norms_for, private_standardizer
-from veil.dp.train import DPSGDConfig, evaluate, features, train_dp
+from veil.dp.train import DPSGDConfig, features, train_dp
+from veil.nn.zoo import evaluate
 
 RECIPES = {
     "scatter-linear": {"batch_size": 16384, "lr": 16.0, "max_grad_norm": 0.1, "epochs": 200, "ema_decay": 0.99},
@@ -125,7 +126,7 @@ def run_accuracy(args: argparse.Namespace, plots: Path) -> list[dict]:
     t0 = time.perf_counter()
     epochs = min(args.epochs or 10, 10)  # plain SGD converges in far fewer epochs than DP-SGD
     plain = _plain_sgd(_head(args.arch), fx, y, epochs=epochs, batch_size=256, lr=0.05)
-    plain_acc = evaluate(plain, (ft, yt))
+    plain_acc = evaluate(plain, ft, yt)
     _emit({"what": "non-private", "arch": args.arch, "test_accuracy": plain_acc, "epochs": epochs,
            "minutes": round((time.perf_counter() - t0) / 60, 2), "epsilon": None, "batch_size": 256,
            "dp_batch_size": recipe["batch_size"]})
@@ -180,8 +181,8 @@ def run_audit(args: argparse.Namespace, plots: Path) -> None:
         audits[name] = audit
         audits[f"{name}, canaries"] = MembershipAudit(loss=canary, shadow=None, delta=args.delta)
         row = {"what": "audit", "model": name, "arch": args.arch, "epsilon": epsilon, "members": m,
-               "canaries": c, "epochs": epochs, "train_accuracy": evaluate(model, members),
-               "test_accuracy": evaluate(model, nonmembers)}
+               "canaries": c, "epochs": epochs, "train_accuracy": evaluate(model, *members),
+               "test_accuracy": evaluate(model, *nonmembers)}
         for attack in audit.attacks:
             key = attack.name.replace(" ", "_")
             row[f"{key}_auc"] = round(attack.auc, 4)

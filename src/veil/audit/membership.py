@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import math
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import nn
 from veil.audit.roc import AttackResult, attack_result
 from veil.dp.composition import validate_delta
 from veil.files import write_atomic
+from veil.randomness import numpy_rng
 
 __all__ = ["MembershipAudit", "ShadowModel", "audit_membership", "compare_audits", "loss_threshold_attack",
            "membership_scores", "plot_roc", "reference_attack", "shadow_model_attack", "train_shadows"]
@@ -172,7 +172,7 @@ def train_shadows(train_fn: TrainFn, shadow_data: Examples, *, num_shadows: int 
     if len(sx) < 4:
         raise ValueError(f"shadow_data has {len(sx)} examples; each shadow model needs a training half and a "
                          f"nonmember half of at least 2 examples each")
-    gen = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    gen = numpy_rng(rng)
     shadows = []
     for _ in range(num_shadows):
         perm = torch.from_numpy(gen.permutation(len(sx)))
@@ -209,7 +209,7 @@ def shadow_model_attack(train_fn: TrainFn | None, target_model: nn.Module, shado
     except ImportError as e:
         raise ImportError("shadow_model_attack needs scikit-learn: install the data extra, "
                           "pip install 'veil[data]'") from e
-    gen = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    gen = numpy_rng(rng)
     if shadows is None:
         if train_fn is None:
             raise ValueError("shadow_model_attack needs train_fn or trained shadows")
@@ -307,7 +307,7 @@ def audit_membership(model: nn.Module, members: Examples, nonmembers: Examples, 
     delta = validate_delta(delta)
     if (train_fn is None) != (shadow_data is None):
         raise ValueError("the shadow attack needs both train_fn and shadow_data; pass both or neither")
-    gen = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    gen = numpy_rng(rng)
     kw: dict[str, Any] = {"delta": delta, "confidence": confidence, "batch_size": batch_size, "device": device,
                           "rng": gen}
     loss = loss_threshold_attack(model, members, nonmembers, **kw)

@@ -36,7 +36,6 @@ chooses t on one random half of the members and nonmembers and evaluates on the 
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,15 +44,12 @@ import numpy.typing as npt
 from scipy.stats import beta
 
 from veil.dp.composition import validate_delta
+from veil.randomness import numpy_rng
 
 __all__ = ["AttackResult", "EpsilonAudit", "attack_result", "clopper_pearson_upper", "epsilon_lower_bound",
            "split_epsilon"]
 
 FloatArray = npt.NDArray[np.float64]
-
-
-def _rng(rng: np.random.Generator | None) -> np.random.Generator:
-    return rng if rng is not None else np.random.default_rng(secrets.randbits(128))
 
 
 def _confidence(confidence: float) -> float:
@@ -156,7 +152,7 @@ def split_epsilon(member_scores: npt.ArrayLike, nonmember_scores: npt.ArrayLike,
                          f"one half and evaluated on the other), got {len(mem)} and {len(non)}")
     if not (np.all(np.isfinite(mem)) and np.all(np.isfinite(non))):
         raise ValueError("attack scores must be finite (no NaN or inf)")
-    gen = _rng(rng)
+    gen = numpy_rng(rng)
     pm, pn = gen.permutation(len(mem)), gen.permutation(len(non))
     mem_sel, mem_eval = mem[pm[: len(mem) // 2]], mem[pm[len(mem) // 2:]]
     non_sel, non_eval = non[pn[: len(non) // 2]], non[pn[len(non) // 2:]]

@@ -24,7 +24,6 @@ Floating-point noise has known side channels (Mironov 2012): this module claims 
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,12 +34,9 @@ from scipy.special import softmax
 from scipy.stats import norm
 
 from veil.dp.composition import PrivacyAccountant, validate_delta, validate_epsilon
+from veil.randomness import numpy_rng
 
 Noisy = float | npt.NDArray[np.float64]  # a float for a scalar value, else an array of the value's shape
-
-
-def _rng(rng: np.random.Generator | None) -> np.random.Generator:
-    return rng if rng is not None else np.random.default_rng(secrets.randbits(128))
 
 
 def _finite_array(value: npt.ArrayLike, name: str) -> npt.NDArray[np.float64]:
@@ -84,7 +80,7 @@ def laplace_mechanism(value: npt.ArrayLike, sensitivity: float, epsilon: float,
     epsilon = validate_epsilon(epsilon)
     scale = validate_epsilon(sensitivity, "sensitivity") / epsilon
     arr = _finite_array(value, "value")
-    noise = _rng(rng).laplace(0.0, scale, size=arr.shape)
+    noise = numpy_rng(rng).laplace(0.0, scale, size=arr.shape)
     _record(accountant, "laplace", epsilon)
     return _add_noise(arr, noise)
 
@@ -145,7 +141,7 @@ def gaussian_mechanism(value: npt.ArrayLike, sensitivity: float, epsilon: float,
     else:
         raise ValueError(f"calibration must be 'analytic' or 'classic', got {calibration!r}")
     arr = _finite_array(value, "value")
-    noise = _rng(rng).normal(0.0, sigma, size=arr.shape)
+    noise = numpy_rng(rng).normal(0.0, sigma, size=arr.shape)
     _record(accountant, "gaussian", epsilon, delta)
     return _add_noise(arr, noise)
 
@@ -163,7 +159,7 @@ def randomized_response(bits: npt.ArrayLike, epsilon: float, rng: np.random.Gene
     epsilon-DP for each person's bit (p / (1 - p) = e^eps), local model (no trusted curator)."""
     p = keep_probability(epsilon)
     arr = _bits(bits, "bits")
-    flip = _rng(rng).random(arr.shape) >= p
+    flip = numpy_rng(rng).random(arr.shape) >= p
     _record(accountant, "randomized_response", epsilon)
     return np.logical_xor(arr, flip)
 
@@ -214,7 +210,7 @@ def exponential_mechanism(scores: npt.ArrayLike, sensitivity: float, epsilon: fl
     """Index i drawn with P[i] proportional to exp(eps * score_i / (2 * sensitivity)): epsilon-DP
     when ``sensitivity`` bounds each score's change between neighbours (McSherry & Talwar 2007)."""
     probs = exponential_mechanism_probabilities(scores, sensitivity, epsilon)
-    index = int(_rng(rng).choice(probs.size, p=probs))
+    index = int(numpy_rng(rng).choice(probs.size, p=probs))
     _record(accountant, "exponential", float(epsilon))
     return index
 

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from veil.dp.sgd_accounting import DPTrainingError, quiet_opacus
-from veil.dp.train import DPSGDConfig, EpochRecord, secure_generator
+from veil.dp.train import DPSGDConfig, EpochRecord
 from veil.files import atomic_writer
+from veil.randomness import torch_generator
 
 CHECKPOINT_FORMAT = "veil-dp-checkpoint/1"
 
@@ -43,8 +44,8 @@ class DPStepper:
         self.records = records
         self.model = model
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.generator = secure_generator(device)
-        self.sampler = secure_generator("cpu")
+        self.generator = torch_generator(device)
+        self.sampler = torch_generator("cpu")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise DPTrainingError("the model has no trainable parameters")

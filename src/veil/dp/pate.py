@@ -39,7 +39,6 @@ Randomness: ``rng`` None draws a generator seeded with 128 bits from ``secrets``
 from __future__ import annotations
 
 import math
-import secrets
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +46,7 @@ from scipy.special import logsumexp
 from scipy.stats import norm
 
 from veil.dp.composition import validate_delta, validate_epsilon
+from veil.randomness import numpy_rng
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -66,10 +66,6 @@ __all__ = [
 #: Renyi orders used when none are given: fine near small orders, log-spaced up to 1e4.
 DEFAULT_ORDERS: npt.NDArray[np.float64] = np.unique(np.concatenate((
     np.arange(1.25, 10.0, 0.25), np.arange(10.0, 100.0, 1.0), np.geomspace(100.0, 1e4, 400))))
-
-
-def _rng(rng: np.random.Generator | None) -> np.random.Generator:
-    return rng if rng is not None else np.random.default_rng(secrets.randbits(128))
 
 
 def _histograms(histograms: npt.ArrayLike, ndim: int = 2) -> npt.NDArray[np.float64]:
@@ -115,7 +111,7 @@ def lnmax_aggregate(histograms: npt.ArrayLike, epsilon_per_query: float,
     (epsilon_per_query, 0)-DP (a moved vote changes two counts by 1)."""
     gamma = validate_epsilon(epsilon_per_query, "epsilon_per_query") / 2.0
     hist = _histograms(histograms)
-    noisy = hist + _rng(rng).laplace(0.0, 1.0 / gamma, size=hist.shape)
+    noisy = hist + numpy_rng(rng).laplace(0.0, 1.0 / gamma, size=hist.shape)
     return np.argmax(noisy, axis=1).astype(np.int64)
 
 
@@ -133,7 +129,7 @@ def gnmax_aggregate(histograms: npt.ArrayLike, sigma: float,
     """GNMax: argmax of counts + N(0, sigma^2) per count, one label per row."""
     sigma = validate_epsilon(sigma, "sigma")
     hist = _histograms(histograms)
-    noisy = hist + _rng(rng).normal(0.0, sigma, size=hist.shape)
+    noisy = hist + numpy_rng(rng).normal(0.0, sigma, size=hist.shape)
     return np.argmax(noisy, axis=1).astype(np.int64)
 
 
@@ -147,7 +143,7 @@ def confident_gnmax(histograms: npt.ArrayLike, threshold: float, sigma1: float, 
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold!r}")
     hist = _histograms(histograms)
-    gen = _rng(rng)
+    gen = numpy_rng(rng)
     answered = hist.max(axis=1) + gen.normal(0.0, sigma1, size=hist.shape[0]) >= threshold
     labels = gnmax_aggregate(hist, sigma2, gen)
     return np.where(answered, labels, -1).astype(np.int64)

@@ -3,7 +3,6 @@ and account for it (see :mod:`veil.dp.pate_training` for the recipe and :mod:`ve
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,13 +22,10 @@ from veil.dp.pate import (
     rdp_to_dp,
     vote_histograms,
 )
+from veil.randomness import numpy_rng
 
 Aggregator = Literal["gnmax", "lnmax", "confident-gnmax"]
 Data = npt.ArrayLike | torch.Tensor
-
-
-def _rng(rng: np.random.Generator | None) -> np.random.Generator:
-    return rng if rng is not None else np.random.default_rng(secrets.randbits(128))
 
 
 def _labels(y: Data, n: int, name: str, num_classes: int | None = None) -> torch.Tensor:
@@ -129,7 +125,7 @@ def label_public_data(teacher_preds: npt.ArrayLike, num_classes: int, *, aggrega
     truth = None if true_labels is None else _labels(true_labels, total, "true_labels", num_classes).numpy()
     hist = hist_all[:asked]
     delta = validate_delta(delta, allow_zero=False)
-    gen = _rng(rng)
+    gen = numpy_rng(rng)
     lam = np.atleast_1d(np.array(DEFAULT_ORDERS if orders is None else orders, dtype=np.float64))  # a copy
     params: dict[str, float] = {}
     if aggregator == "lnmax":

@@ -63,9 +63,9 @@ from veil.dp.pate_labels import (
     _check_aggregator,
     _labels,
     _positive_int,
-    _rng,
     label_public_data,
 )
+from veil.randomness import numpy_rng
 
 __all__ = [
     "PateLabels",
@@ -103,7 +103,7 @@ def partition_disjoint(n: int, num_teachers: int, *, rng: np.random.Generator | 
     if num_teachers > n:
         raise ValueError(f"num_teachers ({num_teachers}) exceeds the number of examples ({n}): every teacher "
                          "needs at least one; use fewer teachers or more private data")
-    perm = _rng(rng).permutation(n)
+    perm = numpy_rng(rng).permutation(n)
     return [np.sort(part).astype(np.int64) for part in np.array_split(perm, num_teachers)]
 
 
@@ -159,7 +159,7 @@ def train_teachers(make_model: Callable[[], nn.Module], x: Data, y: Data, *, num
     xt = _features(x, "x")
     yt = _labels(y, xt.shape[0], "y")
     _check_training(epochs, batch_size, lr, optimizer)
-    gen = _rng(rng)
+    gen = numpy_rng(rng)
     parts = partition_disjoint(xt.shape[0], num_teachers, rng=gen)
     dev = _device(device)
     teachers = []
@@ -213,7 +213,7 @@ def train_student(make_model: Callable[[], nn.Module], x_public: Data, labels: P
                          f"{xt.shape[0]}: pass the same public set that the teachers labelled")
     index = torch.from_numpy(np.array(labels.indices, dtype=np.int64))  # a writable copy
     yt = _labels(labels.labels, index.shape[0], "labels.labels", labels.num_classes)
-    batches = torch.Generator().manual_seed(int(_rng(rng).integers(2**63)))
+    batches = torch.Generator().manual_seed(int(numpy_rng(rng).integers(2**63)))
     return _fit(make_model(), xt[index], yt, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
                 device=_device(device), generator=batches)
 
@@ -265,7 +265,7 @@ def run_pate(make_model: Callable[[], nn.Module], private: tuple[Data, Data], pu
         xt = _features(test[0], "test x")
         test_t = (xt, _labels(test[1], xt.shape[0], "test y", num_classes))
     _labels(y_priv, _features(x_priv, "private x").shape[0], "private y", num_classes)
-    gen = _rng(rng)
+    gen = numpy_rng(rng)
     teachers = train_teachers(make_model, x_priv, y_priv, num_teachers=num_teachers, epochs=teacher_epochs,
                               batch_size=batch_size, lr=lr, optimizer=optimizer, device=device, rng=gen,
                               progress=progress)

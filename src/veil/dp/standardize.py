@@ -35,6 +35,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from veil.randomness import torch_generator
+
 History = list[tuple[float, float, int]]  # accountant history: (noise multiplier, sample rate, steps)
 
 
@@ -75,8 +77,6 @@ def private_standardizer(x: torch.Tensor, *, noise_multiplier: float, clip_norms
     """A :class:`Standardize` from DP estimates of the per-channel mean and variance of ``x``, and its
     privacy cost as accountant history. ``x``: (N, C, ...) features; ``dims``: the axes reduced
     (channel axis 1 kept); ``generator``: default seeded from ``secrets``."""
-    from veil.dp.train import secure_generator
-
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}")
     if x.ndim < 2 or len(x) == 0:
@@ -84,7 +84,7 @@ def private_standardizer(x: torch.Tensor, *, noise_multiplier: float, clip_norms
     if 0 in dims or 1 in dims or any(d >= x.ndim for d in dims):
         raise ValueError(f"dims must be axes after the channel axis 1 of a {x.ndim}-D tensor, got {tuple(dims)}")
     b1, b2 = clip_norms
-    gen = generator if generator is not None else secure_generator("cpu")
+    gen = generator if generator is not None else torch_generator("cpu")
     n = len(x)
     m = math.prod(x.shape[d] for d in dims) if dims else 1
     sums = torch.zeros(x.shape[1], dtype=torch.float64)

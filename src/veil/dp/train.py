@@ -38,7 +38,6 @@ import copy
 import io
 import logging
 import math
-import secrets
 import time
 import warnings
 from collections.abc import Callable
@@ -52,6 +51,7 @@ from torch import nn
 from veil.dp.composition import validate_delta, validate_epsilon
 from veil.dp.sgd_accounting import ACCOUNTANTS, DPTrainingError, calibrate_noise, quiet_opacus, spent_epsilon
 from veil.files import atomic_writer
+from veil.nn.zoo import evaluate
 
 MODEL_FORMAT = "veil-dp-model/1"
 
@@ -237,7 +237,7 @@ def train_dp(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *, conf
                                      desc=f"DP-SGD epoch {epoch + 1}/{config.epochs}")
         eps_prv = spent_epsilon(stepper.history, config.delta, "prv")
         eps_rdp = spent_epsilon(stepper.history, config.delta, "rdp")
-        acc = evaluate(stepper.eval_model(), test, device=device) if test is not None else None
+        acc = evaluate(stepper.eval_model(), *test) if test is not None else None
         record = EpochRecord(epoch=epoch + 1, steps=stepper.steps, loss=loss,
                              epsilon=eps_prv if config.accountant == "prv" else eps_rdp,
                              epsilon_prv=eps_prv, epsilon_rdp=eps_rdp, test_accuracy=acc,
@@ -277,22 +277,6 @@ def features(frontend: nn.Module, x: torch.Tensor, *, device: torch.device | str
     return torch.cat(out) if out else x.new_zeros((0,))
 
 
-def evaluate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor] | None, *,
-             device: torch.device | str = "cpu", batch_size: int = 2000) -> float:
-    """Accuracy of ``model`` on ``data = (x, y)`` in eval mode."""
-    if data is None or len(data[0]) == 0:
-        raise DPTrainingError("no test data to evaluate on")
-    was_training = model.training
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(data[0]), batch_size):
-            out = model(data[0][i:i + batch_size].to(device))
-            correct += int((out.argmax(1).cpu() == data[1][i:i + batch_size]).sum())
-    model.train(was_training)
-    return correct / len(data[0])
-
-
 def save_dp_model(path: str | Path, result: DPTrainResult, *, arch: str | None = None) -> Path:
     """Write the model's weights with its privacy guarantee and history, atomically (torch format)."""
     payload = {"format": MODEL_FORMAT, "arch": arch, "state_dict": result.model.state_dict(),
@@ -317,13 +301,6 @@ def load_dp_model(path: str | Path, model: nn.Module | None = None) -> dict[str,
     if model is not None:
         model.load_state_dict(payload["state_dict"])
     return payload
-
-
-def secure_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator seeded with 63 bits from ``secrets`` (never a fixed seed)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(secrets.randbits(63))
-    return g
 
 
 def _check_data(data: tuple[torch.Tensor, torch.Tensor], what: str) -> tuple[torch.Tensor, torch.Tensor]:
