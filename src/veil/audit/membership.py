@@ -22,7 +22,6 @@ one seeded with 128 bits from ``secrets``; nothing here seeds anything.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from torch import nn
 
 from veil.audit.roc import AttackResult, attack_result
 from veil.dp.composition import validate_delta
-from veil.files import write_atomic
+from veil.plotting import figure, save_png
 from veil.randomness import numpy_rng
 
 __all__ = ["MembershipAudit", "ShadowModel", "audit_membership", "compare_audits", "loss_threshold_attack",
@@ -338,13 +337,7 @@ def plot_roc(audits: Mapping[str, MembershipAudit], path: str | Path, *, log_sca
     axes on a log scale, where the low-FPR regime that matters for privacy is visible."""
     if not audits:
         raise ValueError("plot_roc needs at least one audit, e.g. {'non-DP': audit_a, 'DP-SGD': audit_b}")
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError("plot_roc needs matplotlib: install the plots extra, pip install 'veil[plots]'") from e
-    fig = Figure(figsize=(5.5, 5.0), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(5.5, 5.0)
     ax = fig.add_subplot()
     lo = 1e-4 if log_scale else 0.0
     ax.plot([lo, 1], [lo, 1], "--", color="grey", lw=1, label="chance")
@@ -360,8 +353,4 @@ def plot_roc(audits: Mapping[str, MembershipAudit], path: str | Path, *, log_sca
            xlim=(lo, 1), ylim=(lo, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    path = Path(path)
-    write_atomic(path, buf.getvalue())
-    return path
+    return save_png(fig, path)

@@ -5,31 +5,12 @@ Both draw on an Agg canvas (matplotlib's global backend is left alone) and are w
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from veil.dp.train import EpochRecord
-from veil.files import write_atomic
-
-
-def _figure(size: tuple[float, float]) -> Any:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError("plots need matplotlib: pip install 'veil[plots]'") from e
-    fig = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    write_atomic(path, buf.getvalue())
-    return Path(path)
+from veil.plotting import figure, save_png
 
 
 def plot_privacy_curve(history: Sequence[EpochRecord], path: str | Path, *, delta: float,
@@ -37,7 +18,7 @@ def plot_privacy_curve(history: Sequence[EpochRecord], path: str | Path, *, delt
     """Spent epsilon (both accountants) after every epoch, with the test accuracy on a second axis."""
     if not history:
         raise ValueError("plot_privacy_curve needs at least one epoch of history")
-    fig = _figure((6.4, 4.2))
+    fig = figure(6.4, 4.2)
     ax = fig.add_subplot()
     epochs = [r.epoch for r in history]
     ax.plot(epochs, [r.epsilon_prv for r in history], "o-", ms=3, label="epsilon (PRV accountant)")
@@ -56,7 +37,7 @@ def plot_privacy_curve(history: Sequence[EpochRecord], path: str | Path, *, delt
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="center right")
     else:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_accuracy_vs_epsilon(runs: Sequence[Mapping[str, Any]], path: str | Path, *,
@@ -66,7 +47,7 @@ def plot_accuracy_vs_epsilon(runs: Sequence[Mapping[str, Any]], path: str | Path
     joined per label; ``references``: published points (``epsilon``, ``test_accuracy``, ``label``)."""
     if not runs:
         raise ValueError("plot_accuracy_vs_epsilon needs at least one run")
-    fig = _figure((6.0, 4.2))
+    fig = figure(6.0, 4.2)
     ax = fig.add_subplot()
     by_label: dict[str, list[tuple[float, float]]] = {}
     for r in runs:
@@ -88,18 +69,18 @@ def plot_accuracy_vs_epsilon(runs: Sequence[Mapping[str, Any]], path: str | Path
     ax.set(xlabel="epsilon (log scale)", ylabel="test accuracy (%)", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_privacy_curves(histories: Mapping[str, Sequence[EpochRecord]], path: str | Path, *, delta: float) -> Path:
     """Several runs' epsilon (configured accountant) against epoch on one axis."""
     if not histories:
         raise ValueError("plot_privacy_curves needs at least one run")
-    fig = _figure((6.0, 4.0))
+    fig = figure(6.0, 4.0)
     ax = fig.add_subplot()
     for name, history in histories.items():
         ax.plot([r.epoch for r in history], [r.epsilon for r in history], "o-", ms=2, label=name)
     ax.set(xlabel="epoch", ylabel=f"epsilon spent (delta = {delta:g})", title="privacy loss over training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -17,7 +17,6 @@ Agg canvas without pyplot's global state and write each PNG atomically.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy.typing as npt
 from veil.files import write_atomic
 from veil.m209.dataset import PackedSet
 from veil.m209.machine import LUG_PAIRS, NUM_BARS, NUM_PINS, NUM_WHEELS, WHEEL_SIZES, WHEEL_STARTS
+from veil.plotting import figure, save_png
 
 LUG_CLASSES = NUM_BARS + 1  # a lug-pair count is 0..27
 #: Per-key pin accuracy histogram: [0, 0.5), then 20 bins of 0.025 up to 1.0 (the last one closed).
@@ -146,26 +146,6 @@ def write_summary(summary: dict[str, Any], path: str | Path) -> None:
     write_atomic(path, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
 
 
-def _figure(width: float = 7.0, height: float = 4.5) -> Any:
-    """A matplotlib Figure on an Agg canvas (no pyplot, no global backend switch)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError("veil.m209.evaluate plots need matplotlib: install the plots extra, "
-                          "pip install 'veil[plots]'") from e
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_png(fig: Any, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    write_atomic(path, buf.getvalue())
-    return path
-
-
 def _of(summary: dict[str, Any]) -> str:
     return f"L = {summary['letters']} letters, {summary['keys']} keys"
 
@@ -182,7 +162,7 @@ def plot_test(summary: dict[str, Any], per_key_accuracy: npt.ArrayLike, out_dir:
     out = Path(out_dir)
     paths = []
 
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     edges = np.asarray(summary["per_key_pin_accuracy_histogram"]["edges"])
     counts, _ = np.histogram(acc, bins=edges)
@@ -197,9 +177,9 @@ def plot_test(summary: dict[str, Any], per_key_accuracy: npt.ArrayLike, out_dir:
     ax.set_xlabel("pin accuracy per key (red: all keys below 0.5)")
     ax.set_ylabel("keys")
     ax.set_title(f"Per-key pin accuracy ({_of(summary)})")
-    paths.append(_save_png(fig, out / f"{prefix}-pin-histogram.png"))
+    paths.append(save_png(fig, out / f"{prefix}-pin-histogram.png"))
 
-    fig = _figure(8.0, 4.5)
+    fig = figure(8.0, 4.5)
     ax = fig.add_subplot()
     groups = summary["by_overlaps"]
     xs = sorted(set(range(1, 13)) | {int(k) for k in groups})
@@ -217,9 +197,9 @@ def plot_test(summary: dict[str, Any], per_key_accuracy: npt.ArrayLike, out_dir:
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper center", ncols=2)
     ax.set_title(f"Accuracy by overlaps ({_of(summary)})")
-    paths.append(_save_png(fig, out / f"{prefix}-by-overlaps.png"))
+    paths.append(save_png(fig, out / f"{prefix}-by-overlaps.png"))
 
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     per_wheel = summary["pin_accuracy_per_wheel"]
     bars = ax.bar(range(1, NUM_WHEELS + 1), per_wheel, color="tab:blue")
@@ -229,7 +209,7 @@ def plot_test(summary: dict[str, Any], per_key_accuracy: npt.ArrayLike, out_dir:
     ax.set_xlabel("wheel")
     ax.set_ylabel("pin accuracy")
     ax.set_title(f"Pin accuracy per wheel ({_of(summary)})")
-    paths.append(_save_png(fig, out / f"{prefix}-per-wheel.png"))
+    paths.append(save_png(fig, out / f"{prefix}-per-wheel.png"))
     return paths
 
 
@@ -242,7 +222,7 @@ def plot_accuracy_vs_letters(summaries: Sequence[dict[str, Any]], path: str | Pa
     ls = [s["letters"] for s in runs]
     if len(set(ls)) != len(ls):
         raise ValueError(f"plot_accuracy_vs_letters: summaries: expected one per number of letters, got L = {ls}")
-    fig = _figure(8.0, 5.0)
+    fig = figure(8.0, 5.0)
     ax = fig.add_subplot()
     ax.plot(ls, [s["pin_accuracy"] for s in runs], "o-", color="black", lw=2, label="all pins")
     for w in range(NUM_WHEELS):
@@ -257,4 +237,4 @@ def plot_accuracy_vs_letters(summaries: Sequence[dict[str, Any]], path: str | Pa
     keys = sorted({s["keys"] for s in runs})
     n = f"{keys[0]} keys each" if len(keys) == 1 else "keys " + ", ".join(str(s["keys"]) for s in runs)
     ax.set_title(f"Pin accuracy against letters (L = {', '.join(map(str, ls))}; {n})")
-    return _save_png(fig, Path(path))
+    return save_png(fig, Path(path))

@@ -1,0 +1,283 @@
+"""Flower apps for an :class:`~veil.fl.task.FLTask`: the ClientApp every client runs and the ServerApp.
+
+The same two apps run in Flower's simulation engine (:func:`veil.fl.simulate.simulate`) and in its
+deployment engine (one process per host). They use Flower's legacy strategy API because that is
+the one its SecAgg+ workflow drives:
+
+* strategies ``fedavg``, ``fedprox`` (the proximal term is applied by Veil's client) and ``fedadam``
+  (server-side Adam, Reddi et al. 2021), each wrapped so that a malformed update (wrong count or
+  shape of arrays, NaN/inf) is dropped from the round with an error naming the client, and the
+  round goes on with the others;
+* ``secure=True``: Flower's SecAgg+ workflow (Bell et al. 2020) on the server and its
+  ``secaggplus_mod`` on the clients. Each client masks its quantised update with pairwise masks
+  (agreed by Diffie-Hellman) and a self mask, and secret-shares (Shamir) the keys among its
+  neighbours, so the server learns only the sum; clients that drop out after sharing keys are
+  unmasked from their neighbours' shares, as long as ``threshold`` of them remain. The server
+  cannot see single updates, so under SecAgg+ each client checks its own update before masking
+  (a client whose check fails drops out of the round).
+* evaluation is central: after each round the server tests the global model on the task's test
+  set and reports it to a :class:`RoundRecorder`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from veil.fl.task import (
+    FLError,
+    FLTask,
+    build_model,
+    check_update,
+    client_indices,
+    get_weights,
+    load_task_data,
+    local_train,
+    set_weights,
+)
+
+log = logging.getLogger("veil.fl")
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accuracy: float
+    loss: float
+    seconds: float          # wall time since the run started
+    clients: int = 0        # updates aggregated in this round
+    failures: int = 0       # clients that failed, dropped out or were rejected
+
+
+@dataclass
+class RoundRecorder:
+    """Collects the server's per-round results; ``on_round`` is called after each (progress bars)."""
+
+    on_round: Callable[[RoundRecord], None] | None = None
+    rounds: list[RoundRecord] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    weights: list[np.ndarray] | None = None     # the global model after the last round
+    started: float = field(default_factory=time.perf_counter)
+    _pending: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def aggregated(self, server_round: int, clients: int, failures: int) -> None:
+        self._pending[server_round] = (clients, failures)
+
+    def evaluated(self, server_round: int, accuracy: float, loss: float) -> None:
+        clients, failures = self._pending.pop(server_round, (0, 0))
+        record = RoundRecord(server_round, accuracy, loss, time.perf_counter() - self.started, clients, failures)
+        self.rounds.append(record)
+        if self.on_round is not None:
+            self.on_round(record)
+
+
+class VeilClient:
+    """Flower client logic for one partition of a task (wrapped as a ``NumPyClient`` below)."""
+
+    def __init__(self, task: FLTask, client: int) -> None:
+        self.task, self.client = task, client
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        torch.set_num_threads(self.task.client_threads)
+        server_round = int(config.get("round", 0))
+        fault = self.task.fault(self.client, server_round)
+        if fault == "drop":
+            raise FLError(f"client {self.client}: dropped out in round {server_round} (rehearsed fault)")
+        model = build_model(self.task.model)
+        set_weights(model, parameters)
+        x, y, _, _ = load_task_data(self.task.data)
+        idx = client_indices(self.task, self.client)
+        loss = local_train(model, x[idx], y[idx], epochs=self.task.local_epochs, batch_size=self.task.batch_size,
+                           lr=self.task.lr, momentum=self.task.momentum,
+                           proximal_mu=float(config.get("proximal_mu", 0.0)))
+        update = get_weights(model)
+        if fault == "nan":
+            update[0] = np.full_like(update[0], np.nan)
+        elif fault == "shape":
+            update[0] = update[0].reshape(-1)[:-1].copy()
+        if config.get("self_check"):  # under secure aggregation nobody else can check it
+            check_update(update, parameters, who=f"client {self.client}'s update")
+        # under secure aggregation the server learns no per-client statistic, not even the loss
+        metrics = {"client": self.client} if config.get("self_check") else {"client": self.client, "train_loss": loss}
+        return update, len(idx), metrics
+
+
+def _checked(base: type) -> type:
+    """``base`` (a Flower strategy class) with malformed client updates dropped before aggregation."""
+
+    class Checked(base):  # type: ignore[misc, valid-type]
+        veil_reference: list[np.ndarray] | None = None
+        veil_recorder: RoundRecorder | None = None
+
+        def aggregate_fit(self, server_round: int, results: list, failures: list) -> Any:
+            from flwr.common import parameters_to_ndarrays
+
+            kept = []
+            for proxy, res in results:
+                who = f"client {res.metrics.get('client', proxy.cid)}" if res.metrics else f"client {proxy.cid}"
+                try:
+                    if self.veil_reference is not None:
+                        check_update(parameters_to_ndarrays(res.parameters), self.veil_reference,
+                                     who=f"round {server_round}: {who}")
+                except FLError as e:
+                    log.error("%s; the update is dropped from the round", e)
+                    if self.veil_recorder is not None:
+                        self.veil_recorder.rejected.append(str(e))
+                    failures.append(e)
+                    continue
+                kept.append((proxy, res))
+            if self.veil_recorder is not None:
+                self.veil_recorder.aggregated(server_round, len(kept), len(failures))
+            if not kept:
+                raise FLError(f"round {server_round}: no valid client update to aggregate "
+                              f"({len(failures)} failures)")
+            return super().aggregate_fit(server_round, kept, failures)
+
+    Checked.__name__ = Checked.__qualname__ = f"Checked{base.__name__}"
+    return Checked
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server runs a task: rounds, strategy, clients per round, secure aggregation."""
+
+    rounds: int = 10
+    strategy: str = "fedavg"
+    clients_per_round: int | None = None   # None: every client, every round
+    proximal_mu: float = 0.01              # fedprox
+    server_lr: float = 0.01                # fedadam's eta
+    secure: bool = False
+    secagg_shares: float | int = 1.0       # SecAgg+ neighbours: a fraction of the sampled clients, or a count
+    secagg_threshold: float | int = 0.5    # shares needed to unmask a dropped client
+    clipping_range: float = 8.0            # SecAgg+ quantisation clips weights to +-this
+    timeout: float | None = None           # seconds to wait for replies (None: wait for all)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise FLError(f"rounds must be >= 1, got {self.rounds}")
+        if self.strategy not in STRATEGIES:
+            raise FLError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.clients_per_round is not None and self.clients_per_round < 1:
+            raise FLError(f"clients_per_round must be >= 1, got {self.clients_per_round}")
+        if self.secure and self.clients_per_round is not None and self.clients_per_round < 3:
+            raise FLError("secure aggregation needs at least 3 clients per round")
+
+
+def make_strategy(task: FLTask, settings: ServerSettings, recorder: RoundRecorder,
+                  initial_weights: list[np.ndarray] | None = None) -> Any:
+    """The Flower strategy of ``settings``, checked, with central evaluation on the task's test set;
+    the global model starts from ``initial_weights`` (default: a fresh model's)."""
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server.strategy import FedAdam, FedAvg, FedProx
+
+    from veil.nn.zoo import evaluate
+
+    per_round = min(settings.clients_per_round or task.num_clients, task.num_clients)
+    initial = get_weights(build_model(task.model))
+    if initial_weights is not None:
+        check_update(initial_weights, initial, who="initial weights")
+        initial = [np.asarray(a, dtype=r.dtype) for a, r in zip(initial_weights, initial)]
+
+    def fit_config(server_round: int) -> dict[str, Any]:
+        return {"round": server_round, "self_check": settings.secure}
+
+    def evaluate_fn(server_round: int, arrays: list[np.ndarray], config: dict[str, Any]) -> tuple[float, dict]:
+        _, _, xt, yt = load_task_data(task.data)
+        model = build_model(task.model)
+        set_weights(model, arrays)
+        model.eval()
+        with torch.no_grad():
+            loss = float(torch.cat([torch.nn.functional.cross_entropy(model(xb), yb, reduction="none")
+                                    for xb, yb in zip(xt.split(1000), yt.split(1000))]).mean())
+        accuracy = evaluate(model, xt, yt)
+        if server_round > 0:
+            recorder.weights = [np.array(a, copy=True) for a in arrays]
+            recorder.evaluated(server_round, accuracy, loss)
+        return loss, {"accuracy": accuracy}
+
+    common = dict(fraction_fit=per_round / task.num_clients, fraction_evaluate=0.0, min_fit_clients=per_round,
+                  min_evaluate_clients=0, min_available_clients=task.num_clients, evaluate_fn=evaluate_fn,
+                  on_fit_config_fn=fit_config, initial_parameters=ndarrays_to_parameters(initial),
+                  fit_metrics_aggregation_fn=_mean_metrics)
+    if settings.strategy == "fedprox":
+        strategy = _checked(FedProx)(proximal_mu=settings.proximal_mu, **common)
+    elif settings.strategy == "fedadam":
+        strategy = _checked(FedAdam)(eta=settings.server_lr, eta_l=task.lr, **common)
+    else:
+        strategy = _checked(FedAvg)(**common)
+    strategy.veil_reference, strategy.veil_recorder = initial, recorder
+    return strategy
+
+
+def _mean_metrics(metrics: list[tuple[int, dict]]) -> dict:
+    n = sum(k for k, _ in metrics)
+    losses = [(k, m["train_loss"]) for k, m in metrics if "train_loss" in m]
+    return {"train_loss": sum(k * v for k, v in losses) / n} if losses and n else {}
+
+
+def secagg_workflow(task: FLTask, settings: ServerSettings) -> Any:
+    """Flower's SecAgg+ workflow sized for the task: weights up to the largest client, and the finest
+    quantisation whose sum over the round's clients cannot overflow the 2^32 modulus."""
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    per_round = min(settings.clients_per_round or task.num_clients, task.num_clients)
+    modulus = 2 ** 32
+    quantization = 2 ** math.floor(math.log2(modulus / (2 * per_round)))
+    return SecAggPlusWorkflow(num_shares=settings.secagg_shares, reconstruction_threshold=settings.secagg_threshold,
+                              max_weight=float(_largest_client(task)), clipping_range=settings.clipping_range,
+                              quantization_range=quantization, modulus_range=modulus, timeout=settings.timeout)
+
+
+def _largest_client(task: FLTask) -> int:
+    if task.partitions is not None:
+        return max(len(p) for p in task.partitions)
+    return max(len(client_indices(task, c)) for c in range(task.num_clients))
+
+
+def client_app(task: FLTask, *, secure: bool = False) -> Any:
+    """The Flower ClientApp of ``task``: node config ``partition-id`` picks the client."""
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
+
+    class Client(NumPyClient):
+        def __init__(self, inner: VeilClient) -> None:
+            self.inner = inner
+
+        def fit(self, parameters: list, config: dict) -> tuple:
+            return self.inner.fit(parameters, config)
+
+    def client_fn(context: Any) -> Any:
+        return Client(VeilClient(task, int(context.node_config["partition-id"]))).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if secure else [])
+
+
+def server_app(task: FLTask, settings: ServerSettings, recorder: RoundRecorder,
+               initial_weights: list[np.ndarray] | None = None) -> Any:
+    """The Flower ServerApp: ``settings.rounds`` rounds of the strategy, SecAgg+ if ``settings.secure``."""
+    from flwr.server import LegacyContext, ServerApp, ServerConfig
+    from flwr.server.workflow import DefaultWorkflow
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Any) -> None:
+        strategy = make_strategy(task, settings, recorder, initial_weights)
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.rounds,
+                                                                    round_timeout=settings.timeout),
+                               strategy=strategy)
+        fit = secagg_workflow(task, settings) if settings.secure else None
+        workflow = DefaultWorkflow(fit_workflow=fit) if fit is not None else DefaultWorkflow()
+        recorder.started = time.perf_counter()
+        workflow(grid, legacy)
+
+    return app
