@@ -37,3 +37,21 @@ def test_bad_settings_are_refused_with_the_reason(argv, message, capsys, tmp_pat
     status = main(["fl", "simulate", "--out", str(tmp_path / "x"), "--no-progress", *argv])
     assert status == 1
     assert message in capsys.readouterr().err
+
+
+def test_dp_needs_a_budget(capsys, tmp_path):
+    status = main(["fl", "simulate", "--dp", "record", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert status == 1
+    assert "--dp needs --epsilon" in capsys.readouterr().err
+
+
+def test_client_level_dp_run_reports_its_epsilon(tmp_path, capsys):
+    out = tmp_path / "dp"
+    status = main(["fl", "simulate", "--model", "digits-mlp", "--data", "digits", "--clients", "6",
+                   "--clients-per-round", "3", "--rounds", "2", "--dp", "client", "--epsilon", "8",
+                   "--accountant", "rdp", "--out", str(out), "--no-progress"])
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dp_level"] == "client" and summary["dp_delta"] == 1e-5
+    assert 7.5 < summary["dp_epsilon"] <= 8.0  # the whole budget spent by the last planned round
+    assert [h["clients"] for h in summary["history"]] == [3, 3]

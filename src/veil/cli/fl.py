@@ -36,6 +36,13 @@ def register(subparsers: Any) -> None:
                    help="fraction of a client's neighbours needed to unmask it if it drops out")
     s.add_argument("--fault", action="append", default=[], metavar="CLIENT:KIND[@ROUND]",
                    help="rehearse a fault: drop, nan or shape (e.g. 3:drop@2); repeatable")
+    s.add_argument("--dp", choices=["record", "client"], default=None,
+                   help="record: DP-SGD on every client; client: clipped updates, noise on the server's average")
+    s.add_argument("--epsilon", type=float, default=None, help="DP budget, spent by the last round (with --dp)")
+    s.add_argument("--delta", type=float, default=1e-5)
+    s.add_argument("--clip", type=float, default=1.0,
+                   help="DP clipping norm: per example (record) or per client update (client); default 1.0")
+    s.add_argument("--accountant", choices=["prv", "rdp"], default="prv")
     s.add_argument("--target", type=float, default=None, help="report the first round reaching this accuracy")
     s.add_argument("--out", default="fl-run", help="output directory (default fl-run)")
     s.add_argument("--no-progress", action="store_true")
@@ -49,13 +56,20 @@ def _simulate(args: argparse.Namespace) -> int:
     from veil.files import atomic_writer, write_atomic
     from veil.fl import FLTask, ServerSettings, simulate
     from veil.fl.plots import plot_accuracy_rounds
+    from veil.fl.privacy import ClientDP, RecordDP
 
+    if args.dp and args.epsilon is None:
+        raise ValueError("--dp needs --epsilon, the budget to spend over the run")
+    record = RecordDP(args.epsilon, rounds=args.rounds, delta=args.delta, max_grad_norm=args.clip,
+                      accountant=args.accountant) if args.dp == "record" else None
+    client = ClientDP(args.epsilon, rounds=args.rounds, delta=args.delta, clipping_norm=args.clip,
+                      accountant=args.accountant) if args.dp == "client" else None
     task = FLTask(model=args.model, data=args.data, num_clients=args.clients, partition=args.partition,
                   partition_seed=args.partition_seed, local_epochs=args.local_epochs, batch_size=args.batch_size,
-                  lr=args.lr, momentum=args.momentum, faults=tuple(args.fault))
+                  lr=args.lr, momentum=args.momentum, faults=tuple(args.fault), record_dp=record)
     settings = ServerSettings(rounds=args.rounds, strategy=args.strategy, clients_per_round=args.clients_per_round,
                               proximal_mu=args.mu, server_lr=args.server_lr, secure=args.secure,
-                              secagg_threshold=args.secagg_threshold)
+                              secagg_threshold=args.secagg_threshold, client_dp=client)
     result = simulate(task, settings, progress=not args.no_progress, verbose=args.verbose)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,8 +82,8 @@ def _simulate(args: argparse.Namespace) -> int:
         torch.save(result.model().state_dict(), f)
     label = f"{task.partition}, {settings.strategy}" + (", SecAgg+" if settings.secure else "")
     plot_accuracy_rounds({label: result}, out / "accuracy.png", target=args.target)
-    brief = {k: summary[k] for k in ("partition", "strategy", "secure_aggregation", "rounds", "final_accuracy",
-                                     "seconds_per_round", "minutes", "rejected_updates")}
+    brief = {k: summary[k] for k in ("partition", "strategy", "secure_aggregation", "dp_level", "dp_epsilon",
+                                     "rounds", "final_accuracy", "seconds_per_round", "minutes", "rejected_updates")}
     if args.target is not None:
         brief["rounds_to_target"] = summary["rounds_to_target"]
     print(json.dumps(brief))

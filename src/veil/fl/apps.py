@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from veil.fl.privacy import ClientDP
 from veil.fl.task import (
     FLError,
     FLTask,
@@ -56,6 +57,7 @@ class RoundRecord:
     seconds: float          # wall time since the run started
     clients: int = 0        # updates aggregated in this round
     failures: int = 0       # clients that failed, dropped out or were rejected
+    epsilon: float | None = None  # DP spent so far (record level: the largest over the clients)
 
 
 @dataclass
@@ -67,14 +69,15 @@ class RoundRecorder:
     rejected: list[str] = field(default_factory=list)
     weights: list[np.ndarray] | None = None     # the global model after the last round
     started: float = field(default_factory=time.perf_counter)
-    _pending: dict[int, tuple[int, int]] = field(default_factory=dict)
+    _pending: dict[int, tuple[int, int, float | None]] = field(default_factory=dict)
 
-    def aggregated(self, server_round: int, clients: int, failures: int) -> None:
-        self._pending[server_round] = (clients, failures)
+    def aggregated(self, server_round: int, clients: int, failures: int, epsilon: float | None = None) -> None:
+        self._pending[server_round] = (clients, failures, epsilon)
 
     def evaluated(self, server_round: int, accuracy: float, loss: float) -> None:
-        clients, failures = self._pending.pop(server_round, (0, 0))
-        record = RoundRecord(server_round, accuracy, loss, time.perf_counter() - self.started, clients, failures)
+        clients, failures, epsilon = self._pending.pop(server_round, (0, 0, None))
+        record = RoundRecord(server_round, accuracy, loss, time.perf_counter() - self.started, clients, failures,
+                             epsilon)
         self.rounds.append(record)
         if self.on_round is not None:
             self.on_round(record)
@@ -96,10 +99,25 @@ class VeilClient:
         set_weights(model, parameters)
         x, y, _, _ = load_task_data(self.task.data)
         idx = client_indices(self.task, self.client)
-        loss = local_train(model, x[idx], y[idx], epochs=self.task.local_epochs, batch_size=self.task.batch_size,
-                           lr=self.task.lr, momentum=self.task.momentum,
-                           proximal_mu=float(config.get("proximal_mu", 0.0)))
+        metrics: dict[str, Any] = {"client": self.client}
+        if self.task.record_dp is not None:
+            from veil.fl.privacy import dp_local_train
+
+            loss, metrics["epsilon"] = dp_local_train(
+                model, x[idx], y[idx], dp=self.task.record_dp, batch_size=self.task.batch_size,
+                local_epochs=self.task.local_epochs, lr=self.task.lr, momentum=self.task.momentum,
+                rounds_done=server_round)
+        else:
+            loss = local_train(model, x[idx], y[idx], epochs=self.task.local_epochs, batch_size=self.task.batch_size,
+                               lr=self.task.lr, momentum=self.task.momentum,
+                               proximal_mu=float(config.get("proximal_mu", 0.0)))
         update = get_weights(model)
+        weight = len(idx)
+        if "client_clip" in config:  # client-level DP: clip the whole update, weigh every client alike
+            from veil.fl.privacy import clip_update
+
+            update, _ = clip_update(update, parameters, float(config["client_clip"]))
+            weight = 1
         if fault == "nan":
             update[0] = np.full_like(update[0], np.nan)
         elif fault == "shape":
@@ -107,8 +125,9 @@ class VeilClient:
         if config.get("self_check"):  # under secure aggregation nobody else can check it
             check_update(update, parameters, who=f"client {self.client}'s update")
         # under secure aggregation the server learns no per-client statistic, not even the loss
-        metrics = {"client": self.client} if config.get("self_check") else {"client": self.client, "train_loss": loss}
-        return update, len(idx), metrics
+        if not config.get("self_check"):
+            metrics["train_loss"] = loss
+        return update, weight, metrics
 
 
 def _checked(base: type) -> type:
@@ -117,6 +136,7 @@ def _checked(base: type) -> type:
     class Checked(base):  # type: ignore[misc, valid-type]
         veil_reference: list[np.ndarray] | None = None
         veil_recorder: RoundRecorder | None = None
+        veil_client_dp: tuple[ClientDP, float] | None = None  # (settings, sample rate)
 
         def aggregate_fit(self, server_round: int, results: list, failures: list) -> Any:
             from flwr.common import parameters_to_ndarrays
@@ -135,12 +155,30 @@ def _checked(base: type) -> type:
                     failures.append(e)
                     continue
                 kept.append((proxy, res))
-            if self.veil_recorder is not None:
-                self.veil_recorder.aggregated(server_round, len(kept), len(failures))
             if not kept:
                 raise FLError(f"round {server_round}: no valid client update to aggregate "
                               f"({len(failures)} failures)")
-            return super().aggregate_fit(server_round, kept, failures)
+            parameters, metrics = super().aggregate_fit(server_round, kept, failures)
+            epsilon = metrics.get("epsilon")
+            if self.veil_client_dp is not None and parameters is not None:
+                parameters, epsilon = self._noised(parameters, server_round, len(kept))
+                metrics["epsilon"] = epsilon
+            if self.veil_recorder is not None:
+                self.veil_recorder.aggregated(server_round, len(kept), len(failures), epsilon)
+            return parameters, metrics
+
+        def _noised(self, parameters: Any, server_round: int, received: int) -> tuple[Any, float]:
+            from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+
+            from veil.fl.privacy import add_noise
+            from veil.randomness import numpy_rng
+
+            assert self.veil_client_dp is not None
+            dp, q = self.veil_client_dp
+            # the mean of `received` updates clipped to C moves by <= C / received for one client
+            std = dp.noise_multiplier(q) * dp.clipping_norm / received
+            noised = add_noise(parameters_to_ndarrays(parameters), std, numpy_rng())
+            return ndarrays_to_parameters(noised), dp.epsilon_after(server_round, q)
 
     Checked.__name__ = Checked.__qualname__ = f"Checked{base.__name__}"
     return Checked
@@ -160,6 +198,7 @@ class ServerSettings:
     secagg_threshold: float | int = 0.5    # shares needed to unmask a dropped client
     clipping_range: float = 8.0            # SecAgg+ quantisation clips weights to +-this
     timeout: float | None = None           # seconds to wait for replies (None: wait for all)
+    client_dp: ClientDP | None = None      # client-level DP (veil.fl.privacy)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -170,6 +209,9 @@ class ServerSettings:
             raise FLError(f"clients_per_round must be >= 1, got {self.clients_per_round}")
         if self.secure and self.clients_per_round is not None and self.clients_per_round < 3:
             raise FLError("secure aggregation needs at least 3 clients per round")
+        if self.client_dp is not None and self.client_dp.rounds < self.rounds:
+            raise FLError(f"client-level DP is planned for {self.client_dp.rounds} rounds, fewer than the "
+                          f"{self.rounds} to run: the budget would be exceeded")
 
 
 def make_strategy(task: FLTask, settings: ServerSettings, recorder: RoundRecorder,
@@ -187,8 +229,15 @@ def make_strategy(task: FLTask, settings: ServerSettings, recorder: RoundRecorde
         check_update(initial_weights, initial, who="initial weights")
         initial = [np.asarray(a, dtype=r.dtype) for a, r in zip(initial_weights, initial)]
 
+    if task.record_dp is not None and task.record_dp.rounds < settings.rounds:
+        raise FLError(f"record-level DP is planned for {task.record_dp.rounds} rounds, fewer than the "
+                      f"{settings.rounds} to run: the budget would be exceeded")
+
     def fit_config(server_round: int) -> dict[str, Any]:
-        return {"round": server_round, "self_check": settings.secure}
+        config: dict[str, Any] = {"round": server_round, "self_check": settings.secure}
+        if settings.client_dp is not None:
+            config["client_clip"] = settings.client_dp.clipping_norm
+        return config
 
     def evaluate_fn(server_round: int, arrays: list[np.ndarray], config: dict[str, Any]) -> tuple[float, dict]:
         _, _, xt, yt = load_task_data(task.data)
@@ -215,13 +264,21 @@ def make_strategy(task: FLTask, settings: ServerSettings, recorder: RoundRecorde
     else:
         strategy = _checked(FedAvg)(**common)
     strategy.veil_reference, strategy.veil_recorder = initial, recorder
+    if settings.client_dp is not None:
+        strategy.veil_client_dp = (settings.client_dp, per_round / task.num_clients)
     return strategy
 
 
 def _mean_metrics(metrics: list[tuple[int, dict]]) -> dict:
-    n = sum(k for k, _ in metrics)
+    """Clients' metrics of a round: the weighted mean training loss, the largest epsilon spent."""
+    out: dict[str, Any] = {}
     losses = [(k, m["train_loss"]) for k, m in metrics if "train_loss" in m]
-    return {"train_loss": sum(k * v for k, v in losses) / n} if losses and n else {}
+    if losses and sum(k for k, _ in losses):
+        out["train_loss"] = sum(k * v for k, v in losses) / sum(k for k, _ in losses)
+    epsilons = [m["epsilon"] for _, m in metrics if "epsilon" in m]
+    if epsilons:
+        out["epsilon"] = max(epsilons)
+    return out
 
 
 def secagg_workflow(task: FLTask, settings: ServerSettings) -> Any:

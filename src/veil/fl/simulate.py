@@ -55,6 +55,10 @@ class FLResult:
             return self.rounds[0].seconds
         return (self.rounds[-1].seconds - self.rounds[0].seconds) / (len(self.rounds) - 1)
 
+    @property
+    def dp_level(self) -> str | None:
+        return "record" if self.task.record_dp is not None else "client" if self.settings.client_dp else None
+
     def rounds_to(self, accuracy: float) -> int | None:
         """The first round whose global model reached ``accuracy`` on the test set, or None."""
         return next((r.round for r in self.rounds if r.accuracy >= accuracy), None)
@@ -63,6 +67,8 @@ class FLResult:
         return {"model": self.task.model, "data": self.task.data, "clients": self.task.num_clients,
                 "partition": "explicit" if self.task.partitions is not None else self.task.partition,
                 "strategy": self.settings.strategy, "secure_aggregation": self.settings.secure,
+                "dp_level": self.dp_level, "dp_epsilon": self.rounds[-1].epsilon if self.rounds else None,
+                "dp_delta": (self.task.record_dp or self.settings.client_dp).delta if self.dp_level else None,
                 "rounds": len(self.rounds), "final_accuracy": self.final_accuracy,
                 "seconds_per_round": None if self.seconds_per_round is None else round(self.seconds_per_round, 3),
                 "minutes": round(self.seconds / 60, 3), "rejected_updates": len(self.rejected),

@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from torch import nn
 
 from veil.fl.partition import PartitionSpec, partition
 from veil.randomness import torch_generator
+
+if TYPE_CHECKING:
+    from veil.fl.privacy import RecordDP
 
 
 class FLError(ValueError):
@@ -50,6 +54,7 @@ class FLTask:
     client_threads: int = 1
     train_limit: int | None = None
     faults: tuple[str, ...] = ()
+    record_dp: RecordDP | None = None  # DP-SGD on every client (veil.fl.privacy)
 
     def __post_init__(self) -> None:
         problems = []
