@@ -1,20 +1,19 @@
 """Flower apps for an :class:`~veil.fl.task.FLTask`: the ClientApp every client runs and the ServerApp.
 
-The same two apps run in Flower's simulation engine (:func:`veil.fl.simulate.simulate`) and in its
-deployment engine (one process per host). They use Flower's legacy strategy API because that is
-the one its SecAgg+ workflow drives:
+The apps run in Flower's simulation engine (:func:`veil.fl.simulate.simulate`). They use Flower's
+legacy strategy API because that is the one its SecAgg+ workflow drives:
 
 * strategies ``fedavg``, ``fedprox`` (the proximal term is applied by Veil's client) and ``fedadam``
   (server-side Adam, Reddi et al. 2021), each wrapped so that a malformed update (wrong count or
   shape of arrays, NaN/inf) is dropped from the round with an error naming the client, and the
   round goes on with the others;
 * ``secure=True``: Flower's SecAgg+ workflow (Bell et al. 2020) on the server and its
-  ``secaggplus_mod`` on the clients. Each client masks its quantised update with pairwise masks
-  (agreed by Diffie-Hellman) and a self mask, and secret-shares (Shamir) the keys among its
-  neighbours, so the server learns only the sum; clients that drop out after sharing keys are
-  unmasked from their neighbours' shares, as long as ``threshold`` of them remain. The server
-  cannot see single updates, so under SecAgg+ each client checks its own update before masking
-  (a client whose check fails drops out of the round).
+  ``secaggplus_mod`` on the clients, masks expanded by AES-CTR (:mod:`veil.fl.secagg`). Each
+  client masks its quantised update with pairwise masks (agreed by Diffie-Hellman) and a self
+  mask, and secret-shares (Shamir) the keys among its neighbours, so the server learns only the
+  sum; clients that drop out after sharing keys are unmasked from their neighbours' shares, as
+  long as ``threshold`` of them remain. The server cannot see single updates, so under SecAgg+
+  each client checks its own update before masking (a client whose check fails drops out).
 * evaluation is central: after each round the server tests the global model on the task's test
   set and reports it to a :class:`RoundRecorder`.
 """
@@ -313,6 +312,10 @@ def client_app(task: FLTask, *, secure: bool = False) -> Any:
             return self.inner.fit(parameters, config)
 
     def client_fn(context: Any) -> Any:
+        if secure:
+            from veil.fl.secagg import install
+
+            install()  # SecAgg+ masks from AES-CTR instead of a 32-bit-seeded Mersenne Twister
         return Client(VeilClient(task, int(context.node_config["partition-id"]))).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if secure else [])
@@ -332,6 +335,10 @@ def server_app(task: FLTask, settings: ServerSettings, recorder: RoundRecorder,
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.rounds,
                                                                     round_timeout=settings.timeout),
                                strategy=strategy)
+        if settings.secure:
+            from veil.fl.secagg import install
+
+            install()
         fit = secagg_workflow(task, settings) if settings.secure else None
         workflow = DefaultWorkflow(fit_workflow=fit) if fit is not None else DefaultWorkflow()
         recorder.started = time.perf_counter()
