@@ -28,7 +28,7 @@ def test_simulate_writes_summary_plot_and_model(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--partition", "zipf"], "unknown partition 'zipf'"),
-    (["--model", "nope"], "unknown model 'nope'"),
+    (["--model", "nope"], "unknown architecture 'nope'"),
     (["--rounds", "0"], "rounds must be >= 1"),
     (["--fault", "3:explode"], "kind must be one of drop, nan, shape"),
     (["--data", "missing.npz"], "missing.npz: cannot read"),

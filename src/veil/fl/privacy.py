@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,6 +150,8 @@ def dp_local_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
                          clipping="hooks")
     stepper = DPStepper(model, config=config, noise_multiplier=sigma, sample_rate=q, records=len(x))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    loss = stepper.run_epoch(x, y, steps=steps, device=device, progress=False, desc="DP-SGD")
+    with warnings.catch_warnings():  # Opacus's hooks on a first layer whose input needs no gradient
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss = stepper.run_epoch(x, y, steps=steps, device=device, progress=False, desc="DP-SGD")
     stepper.module.remove_hooks()  # leave the caller's model as it was given, without Opacus's hooks
     return loss, dp.epsilon_after(rounds_done, len(x), batch_size, local_epochs)

@@ -14,7 +14,6 @@ deployment each client would point at its own data instead (``FLTask.data`` per 
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -120,25 +119,16 @@ def digits_mlp() -> nn.Module:
 
 
 def build_model(spec: str) -> nn.Module:
-    """A fresh model: a :mod:`veil.nn.zoo` name, ``digits-mlp``, or ``package.module:factory``."""
-    from veil.nn.zoo import ARCHITECTURES
+    """A fresh model: ``digits-mlp``, a :mod:`veil.nn.zoo` name, or ``package.module:factory``
+    (:func:`veil.nn.infer.resolve_architecture`)."""
+    from veil.nn.infer import resolve_architecture
 
     if spec == "digits-mlp":
         return digits_mlp()
-    if spec in ARCHITECTURES:
-        return ARCHITECTURES[spec]()
-    if ":" not in spec:
-        raise FLError(f"unknown model {spec!r}: use one of {', '.join(sorted(ARCHITECTURES))}, digits-mlp "
-                      f"or an import path 'package.module:factory'")
-    module_name, _, attr = spec.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise FLError(f"cannot import the model factory {spec!r}: {e}") from None
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise FLError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+        return resolve_architecture(spec)
+    except ValueError as e:
+        raise FLError(f"model: {e}, or digits-mlp") from None
 
 
 @functools.lru_cache(maxsize=2)
