@@ -80,6 +80,14 @@ class FLResult:
         return Path(path)
 
 
+class _DeprecationNotice(logging.Filter):
+    """Drops Flower's notice that ``run_simulation`` is deprecated in favour of ``flwr run``: Veil calls
+    it on purpose (an in-process run, with the apps built from Python objects)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
 def simulate(task: FLTask, settings: ServerSettings, *, initial_weights: list[np.ndarray] | None = None,
              progress: bool = True, client_cpus: float = 1.0, verbose: bool = False) -> FLResult:
     """Run ``task`` for ``settings.rounds`` rounds with all clients simulated on this machine, from
@@ -103,8 +111,10 @@ def simulate(task: FLTask, settings: ServerSettings, *, initial_weights: list[np
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
+    quiet = _DeprecationNotice()
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
+        flwr_logger.addFilter(quiet)
     t0 = time.perf_counter()
     try:
         run_simulation(server_app=server_app(task, settings, recorder, initial_weights),
@@ -112,6 +122,7 @@ def simulate(task: FLTask, settings: ServerSettings, *, initial_weights: list[np
                        num_supernodes=task.num_clients, backend_config=backend, verbose_logging=verbose)
     finally:
         flwr_logger.setLevel(level)
+        flwr_logger.removeFilter(quiet)
         bar.close()
     if not recorder.rounds:
         raise FLError("the federated run completed no round: see Flower's log above (run with verbose=True)")
