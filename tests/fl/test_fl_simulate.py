@@ -5,6 +5,8 @@ local step per round, weighted by client size, is one step of gradient descent o
 clients' data. That makes FedAvg, secure aggregation and dropouts checkable to float precision.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -47,7 +49,7 @@ def _run(task, rounds, secure=False, init=None):
     return simulate(task, ServerSettings(rounds=rounds, secure=secure), initial_weights=init, progress=False)
 
 
-def test_fedavg_of_identical_clients_equals_centralised_training():
+def test_fedavg_of_identical_clients_equals_centralised_training(tmp_path):
     x, y, _, _ = load_task_data("digits")
     init = _init()
     task = _task([range(300)] * 3, local_epochs=2)
@@ -55,6 +57,9 @@ def test_fedavg_of_identical_clients_equals_centralised_training():
     assert [r.clients for r in result.rounds] == [3, 3]
     assert _close(result.weights, _gd(init, x[:300], y[:300], steps=4), 1e-5)
     assert result.final_accuracy == pytest.approx(result.rounds[-1].accuracy)
+    written = result.save(tmp_path / "summary.json", target=0.0)
+    assert json.loads((tmp_path / "summary.json").read_text()) == written
+    assert written["rounds_to_target"] == 1 and len(written["history"]) == 2
 
 
 PARTS = [range(0, 100), range(100, 300), range(300, 600)]

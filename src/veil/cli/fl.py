@@ -53,7 +53,7 @@ def register(subparsers: Any) -> None:
 def _simulate(args: argparse.Namespace) -> int:
     import torch
 
-    from veil.files import atomic_writer, write_atomic
+    from veil.files import atomic_writer
     from veil.fl import FLTask, ServerSettings, simulate
     from veil.fl.plots import plot_accuracy_rounds
     from veil.fl.privacy import ClientDP, RecordDP
@@ -73,11 +73,7 @@ def _simulate(args: argparse.Namespace) -> int:
     result = simulate(task, settings, progress=not args.no_progress, verbose=args.verbose)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = result.summary()
-    if args.target is not None:
-        summary["target"] = args.target
-        summary["rounds_to_target"] = result.rounds_to(args.target)
-    write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    summary = result.save(out / "summary.json", target=args.target)
     with atomic_writer(out / "model.pt") as f:
         torch.save(result.model().state_dict(), f)
     label = f"{task.partition}, {settings.strategy}" + (", SecAgg+" if settings.secure else "")

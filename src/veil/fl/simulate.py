@@ -74,10 +74,15 @@ class FLResult:
                 "minutes": round(self.seconds / 60, 3), "rejected_updates": len(self.rejected),
                 "history": [asdict(r) for r in self.rounds]}
 
-    def save(self, path: str | Path) -> Path:
-        """The summary as JSON, written atomically."""
-        write_atomic(path, (json.dumps(self.summary(), indent=2) + "\n").encode())
-        return Path(path)
+    def save(self, path: str | Path, *, target: float | None = None) -> dict[str, Any]:
+        """Write the summary as JSON, atomically (with ``target`` and ``rounds_to_target`` if given);
+        return it."""
+        summary = self.summary()
+        if target is not None:
+            summary["target"] = target
+            summary["rounds_to_target"] = self.rounds_to(target)
+        write_atomic(path, (json.dumps(summary, indent=2) + "\n").encode())
+        return summary
 
 
 class _DeprecationNotice(logging.Filter):
