@@ -70,3 +70,30 @@ def test_exact_truncation_of_convolutions_and_of_both_backward_products_in_one_r
 def test_truncation_option_is_checked() -> None:
     with pytest.raises(ValueError, match="truncation must be 'local' or 'exact'"):
         veil.SessionOptions(truncation="fast")
+
+
+def _exp(session: veil.Session, x: torch.Tensor) -> Any:
+    sx = session.share(x if session.party == "alice" else None, owner="alice")
+    with session.measure() as m:
+        y = sx.exp()
+    return y.reveal(to="alice"), m["rounds"]
+
+
+@pytest.mark.parametrize("mode", ["local", "exact"])
+def test_exp_squarings_are_truncated_exactly_under_the_exact_option(mode: str) -> None:
+    # At 24 fractional bits exp squares values near 1 at 2 (24 + 3) = 54 bits, where a local
+    # truncation fails with probability ~2^-10 per squaring: 20,000 elements x 9 squarings fail often.
+    # (At the default 16 bits the same failure has probability ~2^-26: rare, but a LeNet epoch's
+    # softmaxes square ~10^7 values.)
+    g = torch.Generator().manual_seed(7)
+    x = torch.round(-4 * torch.rand(N, generator=g, dtype=torch.float64) * 2**24) / 2**24
+    options = veil.SessionOptions(truncation=mode).replace(precision=24)
+    (got, rounds), (_, local_rounds) = (run_local(_exp, x, options=o)["alice"]
+                                        for o in (options, options.replace(truncation="local")))
+    failures = int(((got - x.exp()).abs() > 1.0).sum())
+    if mode == "local":
+        assert failures > 10, f"expected local truncation to fail here, got {failures} failures"
+    else:
+        assert failures == 0
+        assert float((got - x.exp()).abs().max()) < 1e-3
+        assert rounds == local_rounds + 9  # t^2 and the 8 squarings: one truncation round each

@@ -33,7 +33,8 @@ class SessionOptions:
     device: str = "cpu"
     # "local": every product is truncated locally (SecureML: no communication; a large error with
     # probability ~|x| 2^-32 per element). "exact": the outputs of matmul and convolutions of two
-    # secrets are truncated with one more round and never take the large error (long trainings).
+    # secrets, and the squarings inside exp (softmax, sigmoid), where values reach 2^38, are truncated
+    # with one more round and never take the large error (long trainings).
     truncation: str = "local"
 
     def __post_init__(self) -> None:
