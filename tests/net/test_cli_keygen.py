@@ -39,3 +39,31 @@ def test_module_entry_point(tmp_path: Path) -> None:
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "bob.key").is_file() and "wrote to" in done.stdout
+
+
+def test_keygen_san_certifies_host_names_and_addresses(tmp_path: Path) -> None:
+    import ipaddress
+
+    from cryptography import x509
+
+    out = tmp_path / "certs"
+    assert main(["keygen", "--parties", "server,client0", "--out", str(out), "--san",
+                 "server=localhost,127.0.0.1,::1", "--san", "server=fl.example.org"]) == 0
+    cert = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["server", "localhost", "fl.example.org"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    client = x509.load_pem_x509_certificate((out / "client0.pem").read_bytes())
+    assert client.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName) == ["client0"]
+
+
+@pytest.mark.parametrize(("san", "message"), [
+    ("server", "expected NAME=HOST"),
+    ("carol=localhost", "not among the parties"),
+    ("server=bad host!", "neither an IP address nor a host name"),
+])
+def test_keygen_bad_san_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], san: str, message: str) -> None:
+    assert main(["keygen", "--parties", "server", "--out", str(tmp_path / "c"), "--san", san]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

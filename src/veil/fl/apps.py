@@ -1,7 +1,8 @@
 """Flower apps for an :class:`~veil.fl.task.FLTask`: the ClientApp every client runs and the ServerApp.
 
-The apps run in Flower's simulation engine (:func:`veil.fl.simulate.simulate`). They use Flower's
-legacy strategy API because that is the one its SecAgg+ workflow drives:
+The apps run in Flower's simulation engine (:func:`veil.fl.simulate.simulate`) and, the same
+logic rebuilt from the run's configuration, in its deployment engine (:mod:`veil.fl.deploy`). They
+use Flower's legacy strategy API because that is the one its SecAgg+ workflow drives:
 
 * strategies ``fedavg``, ``fedprox`` (the proximal term is applied by Veil's client) and ``fedadam``
   (server-side Adam, Reddi et al. 2021), each wrapped so that a malformed update (wrong count or
@@ -85,8 +86,19 @@ class RoundRecorder:
 class VeilClient:
     """Flower client logic for one partition of a task (wrapped as a ``NumPyClient`` below)."""
 
-    def __init__(self, task: FLTask, client: int) -> None:
-        self.task, self.client = task, client
+    def __init__(self, task: FLTask, client: int, data: str | None = None) -> None:
+        """Client ``client`` of ``task``: its part of the task's data, or with ``data`` (a deployed
+        client's own ``.npz``) every training record of that file."""
+        self.task, self.client, self.data = task, client, data
+
+    def training_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.data is not None:
+            from veil.fl.task import load_training_data
+
+            return load_training_data(self.data)
+        x, y, _, _ = load_task_data(self.task.data)
+        idx = client_indices(self.task, self.client)
+        return x[idx], y[idx]
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
         torch.set_num_threads(self.task.client_threads)
@@ -96,22 +108,24 @@ class VeilClient:
             raise FLError(f"client {self.client}: dropped out in round {server_round} (rehearsed fault)")
         model = build_model(self.task.model)
         set_weights(model, parameters)
-        x, y, _, _ = load_task_data(self.task.data)
-        idx = client_indices(self.task, self.client)
+        x, y = self.training_data()
+        if "max_weight" in config and len(x) > float(config["max_weight"]):
+            raise FLError(f"client {self.client}: {len(x)} training records, more than the {config['max_weight']:g} "
+                          f"the server sized secure aggregation for (its --max-client-records)")
         metrics: dict[str, Any] = {"client": self.client}
         if self.task.record_dp is not None:
             from veil.fl.privacy import dp_local_train
 
             loss, metrics["epsilon"] = dp_local_train(
-                model, x[idx], y[idx], dp=self.task.record_dp, batch_size=self.task.batch_size,
+                model, x, y, dp=self.task.record_dp, batch_size=self.task.batch_size,
                 local_epochs=self.task.local_epochs, lr=self.task.lr, momentum=self.task.momentum,
                 rounds_done=server_round)
         else:
-            loss = local_train(model, x[idx], y[idx], epochs=self.task.local_epochs, batch_size=self.task.batch_size,
+            loss = local_train(model, x, y, epochs=self.task.local_epochs, batch_size=self.task.batch_size,
                                lr=self.task.lr, momentum=self.task.momentum,
                                proximal_mu=float(config.get("proximal_mu", 0.0)))
         update = get_weights(model)
-        weight = len(idx)
+        weight = len(x)
         if "client_clip" in config:  # client-level DP: clip the whole update, weigh every client alike
             from veil.fl.privacy import clip_update
 
@@ -199,6 +213,7 @@ class ServerSettings:
     clipping_range: float = 8.0            # SecAgg+ quantisation clips weights to +-this
     timeout: float | None = None           # seconds to wait for replies (None: wait for all)
     client_dp: ClientDP | None = None      # client-level DP (veil.fl.privacy)
+    max_client_records: int | None = None  # SecAgg+'s largest weight (None: the largest partition of the task)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -209,6 +224,8 @@ class ServerSettings:
             raise FLError(f"clients_per_round must be >= 1, got {self.clients_per_round}")
         if self.secure and self.clients_per_round is not None and self.clients_per_round < 3:
             raise FLError("secure aggregation needs at least 3 clients per round")
+        if self.max_client_records is not None and self.max_client_records < 1:
+            raise FLError(f"max_client_records must be >= 1, got {self.max_client_records}")
         if self.client_dp is not None and self.client_dp.rounds < self.rounds:
             raise FLError(f"client-level DP is planned for {self.client_dp.rounds} rounds, fewer than the "
                           f"{self.rounds} to run: the budget would be exceeded")
@@ -234,6 +251,8 @@ def make_strategy(task: FLTask, settings: ServerSettings, recorder: RoundRecorde
 
     def fit_config(server_round: int) -> dict[str, Any]:
         config: dict[str, Any] = {"round": server_round, "self_check": settings.secure}
+        if settings.secure:
+            config["max_weight"] = float(max_weight(task, settings))
         if settings.client_dp is not None:
             config["client_clip"] = settings.client_dp.clipping_norm
         return config
@@ -289,11 +308,14 @@ def secagg_workflow(task: FLTask, settings: ServerSettings) -> Any:
     modulus = 2 ** 32
     quantization = 2 ** math.floor(math.log2(modulus / (2 * per_round)))
     return SecAggPlusWorkflow(num_shares=settings.secagg_shares, reconstruction_threshold=settings.secagg_threshold,
-                              max_weight=float(_largest_client(task)), clipping_range=settings.clipping_range,
+                              max_weight=float(max_weight(task, settings)), clipping_range=settings.clipping_range,
                               quantization_range=quantization, modulus_range=modulus, timeout=settings.timeout)
 
 
-def _largest_client(task: FLTask) -> int:
+def max_weight(task: FLTask, settings: ServerSettings) -> int:
+    """The largest weight (training records) a client may bring to a secure round."""
+    if settings.max_client_records is not None:
+        return settings.max_client_records
     if task.partitions is not None:
         return max(len(p) for p in task.partitions)
     return max(len(client_indices(task, c)) for c in range(task.num_clients))
@@ -324,24 +346,33 @@ def client_app(task: FLTask, *, secure: bool = False) -> Any:
 def server_app(task: FLTask, settings: ServerSettings, recorder: RoundRecorder,
                initial_weights: list[np.ndarray] | None = None) -> Any:
     """The Flower ServerApp: ``settings.rounds`` rounds of the strategy, SecAgg+ if ``settings.secure``."""
-    from flwr.server import LegacyContext, ServerApp, ServerConfig
-    from flwr.server.workflow import DefaultWorkflow
+    from flwr.server import ServerApp
 
     app = ServerApp()
 
     @app.main()
     def main(grid: Any, context: Any) -> None:
-        strategy = make_strategy(task, settings, recorder, initial_weights)
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.rounds,
-                                                                    round_timeout=settings.timeout),
-                               strategy=strategy)
-        if settings.secure:
-            from veil.fl.secagg import install
-
-            install()
-        fit = secagg_workflow(task, settings) if settings.secure else None
-        workflow = DefaultWorkflow(fit_workflow=fit) if fit is not None else DefaultWorkflow()
-        recorder.started = time.perf_counter()
-        workflow(grid, legacy)
+        run_server(grid, context, task, settings, recorder, initial_weights)
 
     return app
+
+
+def run_server(grid: Any, context: Any, task: FLTask, settings: ServerSettings, recorder: RoundRecorder,
+               initial_weights: list[np.ndarray] | None = None) -> None:
+    """The ServerApp's body (simulation and deployment alike): ``settings.rounds`` rounds of the
+    strategy over ``grid``, through SecAgg+ if ``settings.secure``."""
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.workflow import DefaultWorkflow
+
+    strategy = make_strategy(task, settings, recorder, initial_weights)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.rounds,
+                                                                round_timeout=settings.timeout),
+                           strategy=strategy)
+    if settings.secure:
+        from veil.fl.secagg import install
+
+        install()
+    fit = secagg_workflow(task, settings) if settings.secure else None
+    workflow = DefaultWorkflow(fit_workflow=fit) if fit is not None else DefaultWorkflow()
+    recorder.started = time.perf_counter()
+    workflow(grid, legacy)

@@ -162,6 +162,25 @@ def load_task_data(data: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return x.float(), y.long(), xt.float(), yt.long()
 
 
+@functools.lru_cache(maxsize=2)
+def load_training_data(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deployed client's own training data: ``x_train`` and ``y_train`` of an ``.npz`` file."""
+    p = Path(path)
+    if p.suffix != ".npz":
+        raise FLError(f"client data {path!r}: expected an .npz file with x_train and y_train")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            x, y = f["x_train"], f["y_train"]
+    except (OSError, KeyError, ValueError) as e:
+        raise FLError(f"{p}: cannot read x_train, y_train ({e})") from None
+    if len(x) != len(y) or len(x) == 0:
+        raise FLError(f"{p}: {len(x)} training inputs for {len(y)} labels")
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)).float(), torch.from_numpy(np.ascontiguousarray(y)).long()
+    if not torch.isfinite(xt).all():
+        raise FLError(f"{p}: x_train holds NaN or infinite values")
+    return xt, yt
+
+
 def client_indices(task: FLTask, client: int) -> torch.Tensor:
     """Training indices of client ``client`` (0-based) under the task's split."""
     if not 0 <= client < task.num_clients:

@@ -4,7 +4,9 @@ Security properties:
 
 * ``generate_certificates`` makes a fresh certificate authority (EC P-256 key from the OS RNG via
   ``cryptography``) and, for each party, an EC P-256 key and a certificate signed by that CA whose
-  subject CN and only subjectAltName (DNSName) are the party name. The CA is the *only* trust anchor
+  subject CN and only subjectAltName (DNSName) are the party name (with ``extra_names``, a server
+  that clients dial by address, e.g. ``veil fl server``, also gets its host names and IP addresses:
+  Veil's MPC channels refuse such a certificate, they accept exactly the party name). The CA is the *only* trust anchor
   the TLS transport loads, so a party is authenticated as ``NAME`` exactly when it proves possession
   of a key certified by this CA for ``NAME``.
 * ``ca.key`` can mint identities: keep it off the compute hosts (each host needs ``ca.pem``,
@@ -17,10 +19,11 @@ Security properties:
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import re
 import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,14 +67,33 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def generate_certificates(parties: Sequence[str], out_dir: Path, *, days: int = 365) -> None:
+def subject_alt_name(text: str) -> x509.GeneralName:
+    """``10.0.0.5`` or ``::1`` -> an IP address entry; ``fl.example.org`` -> a DNS name entry."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?",
+                        text):
+        raise ValueError(f"{text!r} is neither an IP address nor a host name")
+    return x509.DNSName(text)
+
+
+def generate_certificates(parties: Sequence[str], out_dir: Path, *, days: int = 365,
+                          extra_names: Mapping[str, Sequence[str]] | None = None) -> None:
     """Write a fresh CA (``ca.pem``, ``ca.key``) and ``NAME.pem``/``NAME.key`` for every party.
 
     Certificates are valid from five minutes ago (clock skew between hosts) for ``days`` days.
+    ``extra_names`` adds host names and IP addresses to a party's subjectAltName (a server that
+    clients dial by address, e.g. ``veil fl server``); Veil's own MPC channels check the party name.
     """
     names = validate_party_names(parties)
     if days < 1:
         raise ValueError(f"days must be at least 1, got {days}")
+    extra = {k: [subject_alt_name(v) for v in vs] for k, vs in (extra_names or {}).items()}
+    unknown = sorted(set(extra) - set(names))
+    if unknown:
+        raise ValueError(f"extra names for {', '.join(unknown)}, which are not among the parties")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     now = datetime.datetime.now(datetime.UTC)
@@ -109,7 +131,8 @@ def generate_certificates(parties: Sequence[str], out_dir: Path, *, days: int = 
                                          encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                   ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(party)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(party), *extra.get(party, [])]),
+                           critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(aki, critical=False)
             .sign(ca_key, hashes.SHA256())
