@@ -11,7 +11,7 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "fl", help="federated learning on Flower (simulation; secure aggregation with SecAgg+)",
+        "fl", help="federated learning on Flower (simulation, or across hosts over TLS; SecAgg+)",
         description="Federated learning with Flower: each client trains on its own part of the data and only "
                     "model updates travel; with --secure the server learns only their sum (SecAgg+).")
     steps = p.add_subparsers(dest="fl_step", metavar="STEP", required=True)
