@@ -1,0 +1,168 @@
+"""The decoy pipeline around a trained translator: the remote side's data set, its training job, and
+the owner's composed classifier ``classify(x) = unpermute(remote(translate(x)))``.
+
+What crosses to the remote side is :func:`write_decoys`'s ``.npz``: decoy images and *decoy*
+labels (``x_train``, ``y_train``, and optionally ``x_test``, ``y_test``), nothing else: no
+original image, no secret label, no permutation, no translator. The remote side trains any
+classifier on it (:func:`train_remote`, a plain PyTorch job; or through Veil's parties, since the
+file is an ordinary labelled data set). The owner composes the trained remote model with its own
+translator and permutation (:class:`ComposedClassifier`) to answer the original question.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from veil.randomness import torch_generator
+from veil.semantic.permutation import ClassPermutation
+from veil.semantic.translator import SemanticError, Translator, check_images, train_classifier
+
+DECOY_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def write_decoys(translator: Translator, x: torch.Tensor, path: str | Path, *, y: torch.Tensor | None = None,
+                 x_test: torch.Tensor | None = None, y_test: torch.Tensor | None = None,
+                 balance: bool = True) -> dict[str, Any]:
+    """Translate the owner's images and write the remote side's ``.npz`` atomically; the rows are
+    shuffled (an OS-seeded order), so the file's order says nothing about the owner's.
+
+    Decoy labels are the translator's own reading (``pi(argmax f(x))``), so no secret label is
+    needed; with ``y`` (the secret labels), decoys of images the local classifier misreads are
+    drawn for their true decoy class instead, and the file holds ``pi(y)``. ``balance`` keeps the
+    same number of images of every decoy class (the smallest class's count): class frequencies
+    would otherwise give the permutation away to anyone who knows the secret classes' frequencies
+    (:func:`veil.audit.semantic.frequency_attack`). Returns counts (not written to the file)."""
+    from veil.files import atomic_writer
+
+    arrays: dict[str, np.ndarray] = {}
+    stats: dict[str, Any] = {}
+    gen = torch_generator("cpu")
+    for name, images, labels in (("train", x, y), ("test", x_test, y_test)):
+        if images is None:
+            continue
+        images = check_images(images, f"{name} images", translator.image_shape)
+        decoys, decoy_labels = _decoys(translator, images, labels)
+        keep = torch.randperm(len(decoys), generator=gen)
+        if balance and len(decoys):
+            counts = torch.bincount(decoy_labels, minlength=translator.permutation.num_classes)
+            least = int(counts.min())
+            if least == 0:
+                raise SemanticError(f"{name}: no image of some decoy class, cannot balance (pass balance=False)")
+            shuffled = decoy_labels[keep]
+            rank = torch.zeros_like(shuffled)
+            for c in range(len(counts)):
+                where = shuffled == c
+                rank[where] = torch.arange(int(where.sum()))
+            keep = keep[rank < least]
+        decoys, decoy_labels = decoys[keep], decoy_labels[keep]
+        arrays[f"x_{name}"] = (decoys.numpy() * 255).round().astype(np.uint8)
+        arrays[f"y_{name}"] = decoy_labels.numpy().astype(np.int64)
+        stats[name] = len(decoys)
+    with atomic_writer(path) as f:
+        np.savez_compressed(f, **arrays)
+    return stats
+
+
+@torch.no_grad()
+def _decoys(translator: Translator, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    translator.eval()
+    device = translator.mapping.device
+    out, labels = [], []
+    for i in range(0, len(x), 500):
+        xb = x[i:i + 500].to(device)
+        if y is None:
+            decoy = translator.decoy_classes(xb)
+        else:
+            yb = torch.as_tensor(y[i:i + 500]).long()
+            if len(yb) != len(xb):
+                raise SemanticError(f"{len(x)} images but {len(y)} labels")
+            decoy = translator.permutation.to_decoy(yb).to(device)
+        out.append(translator.draw(xb, decoy).cpu())
+        labels.append(decoy.cpu())
+    if not out:
+        return x.clone(), torch.zeros(0, dtype=torch.long)
+    return torch.cat(out), torch.cat(labels)
+
+
+def load_decoys(path: str | Path) -> dict[str, torch.Tensor]:
+    """The remote side's view: decoy images in [0, 1] and decoy labels."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not {"x_train", "y_train"} <= set(f.files):
+                raise SemanticError(f"{path}: a decoy set needs x_train and y_train, it has {sorted(f.files)}")
+            extra = sorted(set(f.files) - set(DECOY_KEYS))
+            if extra:
+                raise SemanticError(f"{path}: unexpected arrays {extra} in a decoy set")
+            out = {k: torch.from_numpy(np.ascontiguousarray(f[k])) for k in f.files}
+    except (OSError, ValueError) as e:
+        if isinstance(e, SemanticError):
+            raise
+        raise SemanticError(f"{path}: not a readable decoy set ({e})") from None
+    for split in ("train", "test"):
+        if f"x_{split}" in out:
+            x = out[f"x_{split}"]
+            out[f"x_{split}"] = check_images(x.float() / 255 if x.dtype == torch.uint8 else x, f"{path} x_{split}")
+            out[f"y_{split}"] = out[f"y_{split}"].long()
+            if len(out[f"y_{split}"]) != len(out[f"x_{split}"]):
+                raise SemanticError(f"{path}: {len(out[f'x_{split}'])} {split} images, {len(out[f'y_{split}'])} labels")
+    return out
+
+
+class _Standardize(nn.Module):
+    def __init__(self, model: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.model, self.mean, self.std = model, mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def train_remote(x: torch.Tensor, y: torch.Tensor, *, arch: str | nn.Module = "lenet", epochs: int = 2,
+                 batch_size: int = 128, lr: float = 1e-3, progress: bool = True,
+                 device: torch.device | str = "cpu") -> nn.Module:
+    """The remote side's job: a classifier of decoy images (a module, or a model of
+    :mod:`veil.nn.zoo` / ``package.module:factory`` by name), inputs standardised with the decoy
+    set's own statistics."""
+    from veil.nn.infer import resolve_architecture
+
+    x = check_images(x, "decoy images")
+    y = torch.as_tensor(y).long()
+    if len(y) != len(x):
+        raise SemanticError(f"{len(x)} decoy images but {len(y)} labels")
+    net = resolve_architecture(arch) if isinstance(arch, str) else arch
+    model = _Standardize(net, float(x.mean()), float(x.std()) or 1.0)
+    return train_classifier(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, progress=progress,
+                            device=device, desc="remote classifier")
+
+
+class ComposedClassifier(nn.Module):
+    """``classify(x) = unpermute(remote(translate(x)))``: the owner's answer to the original question.
+
+    ``forward`` returns logits over the *secret* classes (the remote logits, reordered by the
+    inverse permutation), so ``argmax`` gives the secret class."""
+
+    def __init__(self, translator: Translator, remote: nn.Module) -> None:
+        super().__init__()
+        self.translator, self.remote = translator, remote
+        inv = translator.permutation.mapping  # logits of secret class s are the remote's of decoy pi(s)
+        self.register_buffer("gather", torch.tensor(inv, dtype=torch.long))
+
+    @property
+    def permutation(self) -> ClassPermutation:
+        return self.translator.permutation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        decoys = self.translator.draw(x, self.translator.decoy_classes(x))
+        return self.remote(decoys)[:, self.gather]
+
+    @torch.no_grad()
+    def classify(self, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        x = check_images(x, "images to classify", self.translator.image_shape)
+        self.eval()
+        device = self.gather.device
+        return torch.cat([self(b.to(device)).argmax(1).cpu() for b in x.split(batch_size)])
