@@ -12,7 +12,9 @@ One JSON object per line:
   ``rounds``, ``final_accuracy``, ``rounds_to_98_5`` (null if not reached), ``seconds_per_round``
   (mean over rounds 2.., round 1 also starts the clients), ``minutes`` (the whole run);
 * with ``--dp`` (default ``record,client``): record-level DP (DP-SGD on each of the 10 clients,
-  IID, epsilon 3 spent over 30 rounds, SecAgg+ on) and client-level DP (100 clients, 10 per round,
+  IID, epsilon 3 spent over 30 rounds, SecAgg+ on; by default on fixed ScatterNet features with a
+  linear model, ``--record-model lenet`` for the LeNet; the line names ``model`` and ``features``)
+  and client-level DP (100 clients, 10 per round,
   updates clipped, noise on the average, epsilon 8 over 30 rounds, SecAgg+ on), with ``dp_level``,
   ``dp_epsilon`` (spent, PRV accountant) and ``dp_delta``;
 * ``what: secure-overhead`` per partition: seconds per round with SecAgg+ over plain FedAvg;
@@ -80,9 +82,12 @@ def main() -> None:
     ap.add_argument("--dp", default="record,client", help="DP runs: record, client, both (default) or none")
     ap.add_argument("--dp-rounds", type=int, default=30)
     ap.add_argument("--record-epsilon", type=float, default=3.0)
-    ap.add_argument("--record-batch", type=int, default=256, help="expected Poisson batch of each client's DP-SGD")
-    ap.add_argument("--record-lr", type=float, default=0.25)
-    ap.add_argument("--record-clip", type=float, default=1.0)
+    ap.add_argument("--record-model", default="scatter",
+                    help="scatter (ScatterNet features + linear, the default) or lenet, for the record-level DP run")
+    ap.add_argument("--record-batch", type=int, default=None,
+                    help="expected Poisson batch of each client's DP-SGD (default 1000 scatter, 256 lenet)")
+    ap.add_argument("--record-lr", type=float, default=None, help="default 16 scatter, 0.25 lenet")
+    ap.add_argument("--record-clip", type=float, default=None, help="default 0.1 scatter, 1.0 lenet")
     ap.add_argument("--client-epsilon", type=float, default=8.0)
     ap.add_argument("--client-clients", type=int, default=100)
     ap.add_argument("--client-per-round", type=int, default=10)
@@ -111,10 +116,14 @@ def main() -> None:
     dp_runs = {d.strip() for d in args.dp.split(",") if d.strip() and d.strip() != "none"}
     for level in [d for d in ("record", "client") if d in dp_runs]:
         if level == "record":
-            task = FLTask(model="lenet", data="mnist", num_clients=args.clients, partition="iid",
-                          batch_size=args.record_batch, lr=args.record_lr, momentum=0.9, train_limit=args.limit,
-                          record_dp=RecordDP(args.record_epsilon, rounds=args.dp_rounds,
-                                             max_grad_norm=args.record_clip))
+            scatter = args.record_model == "scatter"
+            defaults = (1000, 16.0, 0.1) if scatter else (256, 0.25, 1.0)
+            batch, lr, clip = (v if v is not None else d for v, d in
+                               zip((args.record_batch, args.record_lr, args.record_clip), defaults))
+            task = FLTask(model="veil.dp.models:scatter_linear" if scatter else args.record_model, data="mnist",
+                          features="scatter" if scatter else None, num_clients=args.clients, partition="iid",
+                          batch_size=batch, lr=lr, momentum=0.9, train_limit=args.limit,
+                          record_dp=RecordDP(args.record_epsilon, rounds=args.dp_rounds, max_grad_norm=clip))
             settings = ServerSettings(rounds=args.dp_rounds, secure=True)
         else:
             task = FLTask(model="lenet", data="mnist", num_clients=args.client_clients, partition="iid",
@@ -124,7 +133,8 @@ def main() -> None:
                                                          clipping_norm=args.client_clip))
         result = simulate(task, settings, progress=not args.no_progress)
         summary = result.summary()
-        row = {"partition": "iid", "secure_aggregation": True, "dp_level": level, "dp_epsilon": summary["dp_epsilon"],
+        row = {"model": task.model, "features": task.features, "partition": "iid", "secure_aggregation": True,
+               "dp_level": level, "dp_epsilon": summary["dp_epsilon"],
                "dp_delta": summary["dp_delta"], "clients": task.num_clients,
                "clients_per_round": settings.clients_per_round or task.num_clients, "rounds": len(result.rounds),
                "final_accuracy": result.final_accuracy, "rounds_to_98_5": result.rounds_to(TARGET),

@@ -39,9 +39,9 @@ from veil.fl.task import (
     check_update,
     client_indices,
     get_weights,
-    load_task_data,
     local_train,
     set_weights,
+    task_data,
 )
 
 log = logging.getLogger("veil.fl")
@@ -93,10 +93,11 @@ class VeilClient:
 
     def training_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.data is not None:
-            from veil.fl.task import load_training_data
+            from veil.fl.task import feature_map, load_training_data
 
-            return load_training_data(self.data)
-        x, y, _, _ = load_task_data(self.task.data)
+            x, y = load_training_data(self.data)
+            return feature_map(x, self.task.features), y
+        x, y, _, _ = task_data(self.task)
         idx = client_indices(self.task, self.client)
         return x[idx], y[idx]
 
@@ -258,7 +259,7 @@ def make_strategy(task: FLTask, settings: ServerSettings, recorder: RoundRecorde
         return config
 
     def evaluate_fn(server_round: int, arrays: list[np.ndarray], config: dict[str, Any]) -> tuple[float, dict]:
-        _, _, xt, yt = load_task_data(task.data)
+        _, _, xt, yt = task_data(task)
         model = build_model(task.model)
         set_weights(model, arrays)
         model.eval()
