@@ -94,6 +94,9 @@ def _task_arguments(p: argparse.ArgumentParser) -> None:
                    help="record: DP-SGD on every client; client: clipped updates, noise on the server's average")
     p.add_argument("--epsilon", type=float, default=None, help="DP budget, spent by the last round (with --dp)")
     p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--features", choices=["scatter"], default=None,
+                   help="train on fixed ScatterNet features of the images (for DP: e.g. with --model "
+                        "veil.dp.models:scatter_linear)")
     p.add_argument("--clip", type=float, default=1.0,
                    help="DP clipping norm: per example (record) or per client update (client); default 1.0")
     p.add_argument("--accountant", choices=["prv", "rdp"], default="prv")
@@ -114,7 +117,8 @@ def _task_from(args: argparse.Namespace) -> tuple[Any, Any]:
                       accountant=args.accountant) if args.dp == "client" else None
     task = FLTask(model=args.model, data=args.data, num_clients=args.clients, partition=args.partition,
                   partition_seed=args.partition_seed, local_epochs=args.local_epochs, batch_size=args.batch_size,
-                  lr=args.lr, momentum=args.momentum, faults=tuple(args.fault), record_dp=record)
+                  lr=args.lr, momentum=args.momentum, faults=tuple(args.fault), record_dp=record,
+                  features=args.features)
     settings = ServerSettings(rounds=args.rounds, strategy=args.strategy, clients_per_round=args.clients_per_round,
                               proximal_mu=args.mu, server_lr=args.server_lr, secure=args.secure,
                               secagg_threshold=args.secagg_threshold, client_dp=client,

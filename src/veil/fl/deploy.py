@@ -55,7 +55,8 @@ PROGRESS, DONE, WEIGHTS = "progress.jsonl", "done.json", "weights.npz"
 DEFAULT_PORT = 9093
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-ZOO_MODELS = ("lenet", "mlp", "smallnet", "digits-mlp")
+ZOO_MODELS = ("lenet", "mlp", "smallnet", "digits-mlp", "veil.dp.models:scatter_linear", "veil.dp.models:scatter_cnn",
+              "veil.dp.models:tanh_cnn")  # Veil's own: no server-chosen code
 
 
 def _version() -> str:
