@@ -322,24 +322,28 @@ def max_weight(task: FLTask, settings: ServerSettings) -> int:
     return max(len(client_indices(task, c)) for c in range(task.num_clients))
 
 
-def client_app(task: FLTask, *, secure: bool = False) -> Any:
-    """The Flower ClientApp of ``task``: node config ``partition-id`` picks the client."""
-    from flwr.client import ClientApp, NumPyClient
-    from flwr.client.mod import secaggplus_mod
+def flower_client(inner: VeilClient) -> Any:
+    """``inner`` as a Flower client (a ``NumPyClient`` that trains with ``inner.fit``)."""
+    from flwr.client import NumPyClient
 
     class Client(NumPyClient):
-        def __init__(self, inner: VeilClient) -> None:
-            self.inner = inner
-
         def fit(self, parameters: list, config: dict) -> tuple:
-            return self.inner.fit(parameters, config)
+            return inner.fit(parameters, config)
+
+    return Client().to_client()
+
+
+def client_app(task: FLTask, *, secure: bool = False) -> Any:
+    """The Flower ClientApp of ``task``: node config ``partition-id`` picks the client."""
+    from flwr.client import ClientApp
+    from flwr.client.mod import secaggplus_mod
 
     def client_fn(context: Any) -> Any:
         if secure:
             from veil.fl.secagg import install
 
             install()  # SecAgg+ masks from AES-CTR instead of a 32-bit-seeded Mersenne Twister
-        return Client(VeilClient(task, int(context.node_config["partition-id"]))).to_client()
+        return flower_client(VeilClient(task, int(context.node_config["partition-id"])))
 
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if secure else [])
 

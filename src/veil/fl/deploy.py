@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from veil.files import atomic_writer, write_atomic
-from veil.fl.apps import RoundRecord, RoundRecorder, ServerSettings, VeilClient, run_server
+from veil.fl.apps import RoundRecord, RoundRecorder, ServerSettings, VeilClient, flower_client, run_server
 from veil.fl.privacy import ClientDP, RecordDP
 from veil.fl.task import FLError, FLTask
 
@@ -137,23 +137,16 @@ class ClientPolicy:
 
 # ---- the apps Flower imports by name -----------------------------------------------------------------
 def _build_apps() -> tuple[Any, Any]:
-    from flwr.client import ClientApp, NumPyClient
+    from flwr.client import ClientApp
     from flwr.client.mod import secaggplus_mod
     from flwr.server import ServerApp
-
-    class Client(NumPyClient):
-        def __init__(self, inner: VeilClient) -> None:
-            self.inner = inner
-
-        def fit(self, parameters: list, config: dict) -> tuple:
-            return self.inner.fit(parameters, config)
 
     def client_fn(context: Any) -> Any:
         task, settings = _spec_from(context.run_config)
         node = context.node_config
         ClientPolicy.from_node_config(node).check(task, settings)
         data = str(node.get("data", "") or "") or None
-        return Client(VeilClient(task, int(node.get("partition-id", 0)), data)).to_client()
+        return flower_client(VeilClient(task, int(node.get("partition-id", 0)), data))
 
     def secagg_when_asked(msg: Any, ctxt: Any, call_next: Any) -> Any:
         _, settings = _spec_from(ctxt.run_config)
