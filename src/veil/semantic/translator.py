@@ -207,6 +207,7 @@ class TranslatorSettings:
     batch_size: int = 64
     lr: float = 2e-4
     style_dim: int = 8
+    adversarial_weight: float = 1.0
     class_weight: float = 1.0
     style_weight: float = 1.0
     prototype_weight: float = 1.0
@@ -216,7 +217,7 @@ class TranslatorSettings:
         for name in ("epochs", "batch_size", "style_dim", "classifier_epochs"):
             if int(getattr(self, name)) < 1:
                 raise SemanticError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "class_weight", "style_weight", "prototype_weight"):
+        for name in ("lr", "adversarial_weight", "class_weight", "style_weight", "prototype_weight"):
             v = float(getattr(self, name))
             if not (math.isfinite(v) and v >= 0) or (name == "lr" and v == 0):
                 raise SemanticError(f"{name} must be a positive finite number, got {v}")
@@ -295,7 +296,9 @@ def fit_translator(x: torch.Tensor, y: torch.Tensor, permutation: ClassPermutati
                 cls = F.cross_entropy(logits, decoy)
                 style = F.mse_loss(net.encoder(fake), z.detach())
                 proto = F.l1_loss(fake, prototypes[decoy])
-                (adv + s.class_weight * cls + s.style_weight * style + s.prototype_weight * proto).backward()
+                total = (s.adversarial_weight * adv + s.class_weight * cls + s.style_weight * style
+                         + s.prototype_weight * proto)
+                total.backward()
                 opt_g.step()
                 sums["d"] += float(d_loss.detach())
                 sums["adv"] += float(adv.detach())
