@@ -21,7 +21,8 @@ from torch import nn
 pytest.importorskip("flwr")
 
 from veil.fl import FLError, FLTask, ServerSettings
-from veil.fl.deploy import ClientPolicy, decode_spec, encode_spec, parse_address, serve
+from veil.fl.deploy import ClientPolicy, decode_spec, encode_spec
+from veil.fl.hosts import parse_address, serve
 from veil.fl.privacy import ClientDP, RecordDP
 from veil.fl.superlink import RemoteFleetOnly
 from veil.fl.task import build_model, get_weights, load_task_data, set_weights

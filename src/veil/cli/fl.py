@@ -151,7 +151,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
-    from veil.fl.deploy import serve
+    from veil.fl.hosts import serve
 
     task, settings = _task_from(args)
     admit = [n.strip() for n in args.admit.split(",") if n.strip()]
@@ -162,7 +162,8 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> int:
-    from veil.fl.deploy import ClientPolicy, join
+    from veil.fl.deploy import ClientPolicy
+    from veil.fl.hosts import join
 
     policy = ClientPolicy(require_secure=args.require_secure, max_epsilon=args.max_epsilon,
                           allowed_models=tuple(args.allow_model))
