@@ -108,8 +108,11 @@ def test_the_remote_side_file_holds_decoys_and_decoy_labels_only(trained, digits
         assert (per_class == per_class[0]).all() and per_class.sum() == counts["train"]  # balanced
         assert not any(np.array_equal(f[k].ravel()[:10], np.array(perm.mapping)) for k in f.files)
     loaded = load_decoys(tmp_path / "decoys.npz")
-    # the labels are decoy labels: the secret labels of the same images never appear as such
-    assert float((loaded["y_train"] == perm.to_decoy(perm.to_secret(loaded["y_train"]))).float().mean()) == 1.0
+    # the labels are decoy labels: the owner's classifier reads each decoy image as its file label (with
+    # secret labels in the file it would agree almost never: the permutation moves every class)
+    with torch.no_grad():
+        read = net.classifier(loaded["x_train"]).argmax(1)
+    assert float((read == loaded["y_train"]).float().mean()) > 0.9
     unbalanced = write_decoys(net, x, tmp_path / "all.npz", y=y, balance=False)
     assert unbalanced["train"] == len(x)
     raw = bytes((tmp_path / "decoys.npz").read_bytes())

@@ -163,7 +163,7 @@ def _server(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> int:
     from veil.fl.deploy import ClientPolicy
-    from veil.fl.hosts import join
+    from veil.fl.node import join
 
     policy = ClientPolicy(require_secure=args.require_secure, max_epsilon=args.max_epsilon,
                           allowed_models=tuple(args.allow_model))

@@ -6,7 +6,7 @@ process on the server host, ``veil.fl.deploy:client_app`` in a fresh ``flwr-clie
 every message on each client host. Veil must be installed on every host (nothing is shipped in the
 app bundle but its ``pyproject.toml``, and nothing is installed at run time).
 
-The processes are started by :mod:`veil.fl.hosts`.
+The processes are started by :mod:`veil.fl.hosts` (server) and :mod:`veil.fl.node` (clients).
 
 **Server** (:func:`veil.fl.hosts.serve`): starts Flower's SuperLink (through :mod:`veil.fl.superlink`, which keeps
 the Control and Runtime APIs to loopback) on one HTTPS port with the server's certificate, submits
@@ -14,7 +14,7 @@ the run (a bundle whose configuration is the task and the server settings as JSO
 (a progress bar over rounds, from the lines the ServerApp appends to ``OUT/server/progress.jsonl``),
 and returns the :class:`~veil.fl.simulate.FLResult` built from the files the ServerApp writes.
 
-**Client** (:func:`veil.fl.hosts.join`): runs Flower's SuperNode against the server, checking the server's
+**Client** (:func:`veil.fl.node.join`): runs Flower's SuperNode against the server, checking the server's
 certificate against the federation's CA; with ``name`` it also proves its identity (Flower's
 SuperNode authentication, with the client's own Veil key: the server registers the public keys of
 the certificates it is told to admit, and refuses any other node). A client trains on its own

@@ -1,5 +1,5 @@
-"""Starting Flower's processes for ``veil fl server`` / ``veil fl client``: the SuperLink and the run on
-the server host (:func:`serve`), a SuperNode on each client host (:func:`join`).
+"""Starting Flower's processes for ``veil fl server``: the SuperLink and the run on the server host
+(:func:`serve`); and the process helpers that :mod:`veil.fl.node` (a client host's SuperNode) shares.
 
 What runs *inside* those processes (the apps, the run's configuration, the client's policy) is
 :mod:`veil.fl.deploy`; this module starts, watches and stops the processes, submits the run over
@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from veil.files import write_atomic
 from veil.fl.apps import RoundRecord, ServerSettings
 from veil.fl.deploy import (
     DONE,
@@ -37,7 +35,6 @@ from veil.fl.deploy import (
     SPEC_KEY,
     VERSION_KEY,
     WEIGHTS,
-    ClientPolicy,
     encode_spec,
     load_weights,
     save_weights,
@@ -49,7 +46,7 @@ DEFAULT_PORT = 9093
 
 
 # ---- processes ---------------------------------------------------------------------------------------
-def _flower_env(home: Path) -> dict[str, str]:
+def flower_env(home: Path) -> dict[str, str]:
     """Environment of Flower's processes: its helpers found on PATH (this interpreter's bin first),
     a private FLWR_HOME, no telemetry, no update check, no dependency installs."""
     env = dict(os.environ)
@@ -74,7 +71,7 @@ def _environ(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float = 5.0, *, group: bool = False) -> None:
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0, *, group: bool = False) -> None:
     """Stop a Flower process (SIGTERM, then SIGKILL): with ``group``, its whole process group (a
     SuperNode's helper may outlive it otherwise)."""
     def signal_it(sig: int) -> None:
@@ -240,7 +237,7 @@ def serve(task: FLTask, settings: ServerSettings, *, certs: str | Path | None, o
     if initial_weights is not None:
         init_path = server_dir / "initial.npz"
         save_weights(init_path, initial_weights)
-    env = _flower_env(out / "flwr-home")
+    env = flower_env(out / "flwr-home")
     cmd = [sys.executable, "-m", "veil.fl.superlink", "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if creds is None:
@@ -272,7 +269,7 @@ def serve(task: FLTask, settings: ServerSettings, *, certs: str | Path | None, o
     finally:
         if bar is not None:
             bar.close()
-        _stop(link)
+        stop_process(link)
     done = _read_done(server_dir / DONE)
     if status[1] != "completed" or not done.get("ok"):
         why = done.get("error") or status[2] or status[1]
@@ -375,102 +372,3 @@ def _register(control: Any, name: str, public_key: bytes) -> None:
     from flwr.proto.control_pb2 import RegisterNodeRequest
 
     control.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name))
-
-
-@contextlib.contextmanager
-def _openssh_private_key(key_path: Path) -> Iterator[Path]:
-    """The client's Veil key (PEM) in the OpenSSH format Flower's SuperNode reads, in a private
-    temporary file removed afterwards."""
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as e:
-        raise FLError(f"{key_path}: cannot read the client's key ({e})") from None
-    raw = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                            serialization.NoEncryption())
-    with tempfile.TemporaryDirectory(prefix="veil-fl-") as d:
-        path = Path(d) / "node.ssh"
-        write_atomic(path, raw, mode=0o600)
-        yield path
-
-
-def join(server: str, *, certs: str | Path | None, partition_id: int = 0, data: str | None = None,
-         name: str | None = None, policy: ClientPolicy | None = None, runtime_port: int | None = None,
-         wait: float = 60.0, start_timeout: float = 600.0, home: str | Path | None = None, insecure: bool = False,
-         echo: Any = sys.stderr) -> int:
-    """Take part in the federation served at ``server`` (``HOST:PORT``): wait up to ``start_timeout``
-    seconds for the server, then train whenever it asks, until it has been gone for ``wait`` seconds.
-    Returns 0 after taking part, 1 if the SuperNode failed (e.g. refused by the server)."""
-    host, port = parse_address(server)
-    policy = policy or ClientPolicy()
-    node: dict[str, Any] = {"partition-id": int(partition_id), **policy.node_config()}
-    if data is not None:
-        path = Path(data).resolve()
-        from veil.fl.task import load_training_data
-
-        load_training_data(str(path))  # a clear error now rather than in every round
-        node["data"] = str(path)
-    node_text = " ".join(f"{k}={json.dumps(v)}" for k, v in node.items())
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", address, "--node-config", node_text,
-           "--port", str(runtime_port or 9094 + int(partition_id))]
-    ca = None
-    if insecure:
-        cmd.append("--insecure")
-    else:
-        if certs is None:
-            raise FLError("the client needs --certs with the federation's ca.pem (or --insecure, for a test)")
-        ca = Path(certs) / "ca.pem"
-        if not ca.is_file():
-            raise FLError(f"missing {ca}: the CA certificate that verifies the server")
-        cmd += ["--root-certificates", str(ca)]
-    home_dir = Path(home) if home else Path(tempfile.gettempdir()) / f"veil-fl-client-{os.getuid()}-{partition_id}"
-    env = _flower_env(home_dir)
-    with contextlib.ExitStack() as stack:
-        if name is not None:
-            if ca is None:
-                raise FLError("client authentication (--name) needs TLS: drop --insecure")
-            key_file = stack.enter_context(_openssh_private_key(Path(certs) / f"{name}.key"))  # type: ignore[arg-type]
-            cmd += ["--auth-supernode-private-key", str(key_file)]
-        deadline = time.monotonic() + start_timeout
-        while True:
-            first_wait = max(1.0, min(wait, deadline - time.monotonic()))
-            proc = subprocess.Popen([*cmd, "--max-wait-time", f"{first_wait:g}"], env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                outcome, why = _watch_supernode(proc, echo)
-            finally:
-                _stop(proc, group=True)  # type: ignore[arg-type]
-            if outcome == "done":
-                return 0
-            if outcome == "failed":
-                raise FLError(f"the SuperNode failed: {why or 'see its log above'}")
-            if time.monotonic() >= deadline:
-                raise FLError(f"no federation server answered at {address} within {start_timeout:g} s")
-
-
-def _watch_supernode(proc: subprocess.Popen[bytes], echo: Any) -> tuple[str, str]:
-    """Pass the SuperNode's log on until it gives up on an absent server (Flower logs that, and then
-    keeps its process alive) or fails: (``done`` if the node took part in a round before,
-    ``unreachable`` if not, or ``failed``; Flower's reason)."""
-    took_part, failing, why = False, False, []
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.decode(errors="replace")
-        if echo is not None:
-            echo.write(line)
-            echo.flush()
-        if "Sent successfully" in line:
-            took_part = True
-        if "Giving up reconnection" in line:
-            return ("done" if took_part else "unreachable"), ""
-        if "Exit Code:" in line:  # Flower's fatal error: the code, then its explanation
-            failing = True
-        if failing:
-            text = line.strip()
-            if text.startswith("For more information") or len(why) >= 4:
-                break
-            if text:
-                why.append(text.replace("\x1b[91mERROR \x1b[0m:", "").strip())
-    return ("failed" if failing or not took_part else "done"), " ".join(why)
