@@ -22,7 +22,8 @@ from veil.semantic import (
     train_remote,
     write_decoys,
 )
-from veil.semantic.translator import accuracy, local_classifier, train_classifier
+from veil.semantic.networks import local_classifier
+from veil.semantic.translator import accuracy, train_classifier
 
 
 @pytest.fixture(scope="module")

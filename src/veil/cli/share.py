@@ -108,7 +108,7 @@ def load_source(source: Source, job: ShareJob, *, labels: bool) -> dict[str, tor
     from veil.data.images import load_images
 
     if source.data not in NAMED_SOURCES and Path(source.data).suffix.lower() == ".npz":
-        x, y = _load_npz(Path(source.data))
+        x, y = _load_npz(Path(source.data), job.mnist_split)
     else:
         x, y = load_images(source.data, split=job.mnist_split, mnist_path=job.mnist_path)
     n = len(x)
@@ -130,7 +130,7 @@ def load_source(source: Source, job: ShareJob, *, labels: bool) -> dict[str, tor
     return {"x": x} if y is None or not labels else {"x": x, "y": y}
 
 
-def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _load_npz(path: Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
     import numpy as np
     import torch
 
@@ -142,8 +142,14 @@ def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         with np.load(path, allow_pickle=False) as z:
             xk = next((k for k in ("x", "images") if k in z.files), None)
             yk = next((k for k in ("y", "labels") if k in z.files), None)
-            if xk is None:
-                raise DatasetError(f"{path}: no 'x' (or 'images') array; it has {z.files}")
+            keras = xk is None and f"x_{split}" in z.files
+            if xk is None and not keras:
+                raise DatasetError(f"{path}: no 'x' (or 'images', or 'x_{split}') array; it has {z.files}")
+        if keras:  # Keras layout (mnist.npz, a veil.semantic decoy set): pixels scaled to [0, 1]
+            from veil.data.images import load_images
+
+            return load_images(path, split=split)
+        with np.load(path, allow_pickle=False) as z:
             x = torch.from_numpy(np.asarray(z[xk])).float()
             y = None if yk is None else torch.from_numpy(np.asarray(z[yk]))
     except DatasetError:

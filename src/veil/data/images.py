@@ -5,7 +5,9 @@
 * ``mnist``: MNIST (``veil.data.load_mnist``; ``mnist_path`` or ``$VEIL_MNIST`` pick the files),
   normalised as in the usual MNIST pipelines;
 * ``digits``: scikit-learn's bundled 8x8 digits as ``(N, 1, 8, 8)`` images (all 1,797; no split);
-* a ``.npz`` file with arrays ``images`` (or ``x``) and optionally ``labels`` (or ``y``);
+* a ``.npz`` file with arrays ``images`` (or ``x``) and optionally ``labels`` (or ``y``), or in
+  the Keras layout (``x_train``, ``y_train``, ``x_test``, ``y_test``: ``split`` picks; uint8 pixels
+  are scaled to [0, 1]), e.g. a decoy set of :mod:`veil.semantic`;
 * a ``.npy`` file of images (no labels);
 * a ``.pt`` file holding a tensor of images or a dict with ``images`` and optionally ``labels``
   (read with ``weights_only=True``: no code runs).
@@ -43,13 +45,13 @@ def load_images(source: str | Path, *, split: str = "test", limit: int | None = 
 
         x, y = load_digits()  # one set of 1,797 images: no split
     else:
-        x, y = _from_file(Path(name))
+        x, y = _from_file(Path(name), split)
     if limit is not None:
         x, y = x[:limit], (y[:limit] if y is not None else None)
     return x, y
 
 
-def _from_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _from_file(path: Path, split: str = "test") -> tuple[torch.Tensor, torch.Tensor | None]:
     if not path.is_file():
         raise DatasetError(f"{path}: no such file (use 'mnist', 'digits', or a .npz/.npy/.pt file)")
     suffix = path.suffix.lower()
@@ -58,9 +60,14 @@ def _from_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
             with np.load(path, allow_pickle=False) as z:
                 xk = next((k for k in ("images", "x") if k in z.files), None)
                 yk = next((k for k in ("labels", "y") if k in z.files), None)
+                keras = xk is None and f"x_{split}" in z.files  # Keras layout: x_train, y_train, x_test, ...
+                if keras:
+                    xk, yk = f"x_{split}", (f"y_{split}" if f"y_{split}" in z.files else None)
                 if xk is None:
-                    raise DatasetError(f"{path}: no 'images' (or 'x') array; it has {z.files}")
+                    raise DatasetError(f"{path}: no 'images' (or 'x', or 'x_{split}') array; it has {z.files}")
                 x, y = torch.from_numpy(np.asarray(z[xk])), (torch.from_numpy(np.asarray(z[yk])) if yk else None)
+                if keras and x.dtype == torch.uint8:
+                    x = x.float() / 255  # Keras-layout pixels (mnist.npz, decoy sets) are 0..255
         elif suffix == ".npy":
             x, y = torch.from_numpy(np.load(path, allow_pickle=False)), None
         elif suffix in (".pt", ".pth"):

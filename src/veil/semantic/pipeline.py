@@ -113,29 +113,41 @@ def load_decoys(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-class _Standardize(nn.Module):
-    def __init__(self, model: nn.Module, mean: float, std: float) -> None:
+def _build(arch: str, inputs: int) -> nn.Module:
+    from veil.nn.infer import resolve_architecture
+    from veil.nn.zoo import MLP
+
+    return MLP(inputs=inputs) if arch.lower() == "mlp" else resolve_architecture(arch)
+
+
+class Standardize(nn.Module):
+    """``model((x - mean) / std)``, flattened first if ``flatten``; ``arch`` names the model's
+    architecture for :func:`save_remote`."""
+
+    def __init__(self, model: nn.Module, mean: float, std: float, arch: str | None = None,
+                 flatten: bool = False) -> None:
         super().__init__()
-        self.model, self.mean, self.std = model, mean, std
+        self.model, self.mean, self.std, self.arch, self.flatten = model, mean, std, arch, flatten
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        return self.model(x.flatten(1) if self.flatten else x)
 
 
 def train_remote(x: torch.Tensor, y: torch.Tensor, *, arch: str | nn.Module = "lenet", epochs: int = 2,
                  batch_size: int = 128, lr: float = 1e-3, progress: bool = True,
                  device: torch.device | str = "cpu") -> nn.Module:
     """The remote side's job: a classifier of decoy images (a module, or a model of
-    :mod:`veil.nn.zoo` / ``package.module:factory`` by name), inputs standardised with the decoy
-    set's own statistics."""
-    from veil.nn.infer import resolve_architecture
-
+    :mod:`veil.nn.zoo` / ``package.module:factory`` by name; ``mlp`` is sized to the images), inputs
+    standardised with the decoy set's own statistics."""
     x = check_images(x, "decoy images")
     y = torch.as_tensor(y).long()
     if len(y) != len(x):
         raise SemanticError(f"{len(x)} decoy images but {len(y)} labels")
-    net = resolve_architecture(arch) if isinstance(arch, str) else arch
-    model = _Standardize(net, float(x.mean()), float(x.std()) or 1.0)
+    named = isinstance(arch, str)
+    net = _build(arch, x[0].numel()) if named else arch
+    model = Standardize(net, float(x.mean()), float(x.std()) or 1.0, arch if named else None,
+                        flatten=named and arch.lower() == "mlp")
     return train_classifier(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, progress=progress,
                             device=device, desc="remote classifier")
 
@@ -166,3 +178,112 @@ class ComposedClassifier(nn.Module):
         self.eval()
         device = self.gather.device
         return torch.cat([self(b.to(device)).argmax(1).cpu() for b in x.split(batch_size)])
+
+
+# ---- files ------------------------------------------------------------------------------------------
+REMOTE_MAGIC = "veil-decoy-model"
+COMPOSED_MAGIC = "veil-composed-classifier"
+
+
+def _remote_blob(model: nn.Module) -> dict[str, Any]:
+    if not isinstance(model, Standardize) or not model.arch:
+        raise SemanticError("only a model from train_remote(arch=NAME) can be saved (its architecture by name)")
+    return {"magic": REMOTE_MAGIC, "arch": model.arch, "mean": model.mean, "std": model.std,
+            "flatten": bool(model.flatten), "inputs": _inputs(model.model.state_dict()),
+            "state": model.model.state_dict()}
+
+
+def _inputs(state: dict[str, Any]) -> int:
+    """Input width of a model whose first weight is a linear layer's (0 otherwise)."""
+    first = next(iter(state.values()), None)
+    return int(first.shape[1]) if isinstance(first, torch.Tensor) and first.dim() == 2 else 0
+
+
+def _remote_from_blob(blob: Any, path: str | Path) -> nn.Module:
+    if not isinstance(blob, dict) or blob.get("magic") != REMOTE_MAGIC:
+        raise SemanticError(f"{path}: not a Veil decoy-classifier file")
+    try:
+        net = _build(str(blob["arch"]), int(blob["inputs"]))
+        net.load_state_dict(blob["state"])
+        return Standardize(net, float(blob["mean"]), float(blob["std"]), str(blob["arch"]),
+                           bool(blob.get("flatten", False))).eval()
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise SemanticError(f"{path}: damaged decoy-classifier file ({e})") from None
+
+
+def _read(path: str | Path, what: str) -> Any:
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SemanticError(f"{path}: no such file") from None
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise SemanticError(f"{path}: not a readable {what} ({e})") from None
+
+
+def save_remote(model: nn.Module, path: str | Path) -> Path:
+    """The remote side's trained decoy classifier (architecture name, standardisation, weights)."""
+    from veil.files import atomic_writer
+
+    blob = _remote_blob(model)
+    with atomic_writer(path) as f:
+        torch.save(blob, f)
+    return Path(path)
+
+
+def load_remote(path: str | Path, *, arch: str | None = None, flatten: bool = False) -> nn.Module:
+    """The remote side's model: a :func:`save_remote` file, or with ``arch`` a plain state dict (as
+    ``veil train --out`` writes after training on the decoys through Veil's parties; its inputs are
+    the decoy pixels in [0, 1], flattened if ``flatten``)."""
+    blob = _read(path, "decoy-classifier file")
+    if arch is None:
+        return _remote_from_blob(blob, path)
+    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise SemanticError(f"{path}: not a state dict of weights (--remote-arch expects what veil train saves)")
+    return _remote_from_blob({"magic": REMOTE_MAGIC, "arch": arch, "mean": 0.0, "std": 1.0, "flatten": flatten,
+                              "inputs": _inputs(blob), "state": blob}, path)
+
+
+def save_composed(model: ComposedClassifier, path: str | Path) -> Path:
+    """Translator and remote model in one file: the owner's classifier of the secret classes. It holds
+    the permutation, so it is written with mode 0600."""
+    from veil.files import atomic_writer
+    from veil.semantic.translator import translator_blob
+
+    blob = {"magic": COMPOSED_MAGIC, "translator": translator_blob(model.translator),
+            "remote": _remote_blob(model.remote)}
+    with atomic_writer(path, mode=0o600) as f:
+        torch.save(blob, f)
+    return Path(path)
+
+
+def load_composed(path: str | Path) -> ComposedClassifier:
+    from veil.semantic.translator import translator_from_blob
+
+    blob = _read(path, "composed classifier")
+    if not isinstance(blob, dict) or blob.get("magic") != COMPOSED_MAGIC:
+        raise SemanticError(f"{path}: not a Veil composed-classifier file")
+    return ComposedClassifier(translator_from_blob(blob.get("translator"), path),
+                              _remote_from_blob(blob.get("remote"), path)).eval()
+
+
+def save_grid(originals: torch.Tensor, decoys: torch.Tensor, labels: torch.Tensor, path: str | Path, *,
+              per_class: int = 2, title: str = "original (top) and decoy (below)") -> Path:
+    """A PNG of originals above their decoys, ``per_class`` pairs of each class in label order."""
+    from veil.plotting import figure, save_png
+
+    labels = torch.as_tensor(labels).long()
+    picks = [int(i) for c in torch.unique(labels) for i in (labels == c).nonzero()[:per_class, 0]]
+    if not picks:
+        raise SemanticError("no images for the sample grid")
+    fig = figure(max(4.0, 0.8 * len(picks)), 2.0)
+    axes = fig.subplots(2, len(picks), squeeze=False)
+    for col, i in enumerate(picks):
+        for row, img in enumerate((originals[i], decoys[i])):
+            ax = axes[row, col]
+            ax.imshow(img.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title)
+    return save_png(fig, path)
