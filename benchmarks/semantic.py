@@ -11,9 +11,11 @@ The whole pipeline as the owner and the remote side would run it (``veil.semanti
 
 ``decoy_realism``: a LeNet trained on real images (the *judge*, never seen by the pipeline) reads the
 decoys of the test images; the fraction it reads as their decoy class. The audit
-(``veil.audit.semantic``) on the test decoys: the cluster attack (k-means on the decoy pixels, cluster
-sizes matched to MNIST's class frequencies), the frequency attack on the balanced file's labels, the
-Fréchet distance of the judge's features (decoys vs real test images, and real vs real as the
+(``veil.audit.semantic``): on the remote side's file (balanced), the cluster attack (k-means on the
+decoy pixels, cluster sizes matched to MNIST's class frequencies) and the frequency attack (label
+counts matched the same way), scored against the secret class each row stands for; the same two on
+decoys of the (unbalanced) test set, ``*_unbalanced_test``, to show what balancing buys; on the test
+decoys, the Fréchet distance of the judge's features (decoys vs real test images, and real vs real as the
 yardstick), and the probe that learns secret labels of ``n`` decoys (``audit_probe_accuracy`` at
 n = 100; all sizes in ``audit_probe_by_labelled_pairs``).
 
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from veil.audit.semantic import audit_decoys
+from veil.audit.semantic import audit_decoys, cluster_attack, frequency_attack
 from veil.data.mnist import load_mnist
 from veil.semantic import ClassPermutation, ComposedClassifier, TranslatorSettings, fit_translator, train_remote
 from veil.semantic.pipeline import load_decoys, save_grid, write_decoys
@@ -71,7 +73,7 @@ def main() -> None:
                                   progress=True)
     t1 = time.perf_counter()
     counts = write_decoys(net, x, args.out / "decoys.npz")
-    decoys = load_decoys(args.out / "decoys.npz")
+    decoys = load_decoys(args.out / "decoys.npz")  # exactly what the remote side holds
     remote = train_remote(decoys["x_train"], decoys["y_train"], arch="lenet", epochs=args.remote_epochs)
     remote_minutes = (time.perf_counter() - t1) / 60
     composed = ComposedClassifier(net, remote)
@@ -80,6 +82,10 @@ def main() -> None:
     test_decoys = net.translate(xt)
     save_grid(xt, test_decoys, yt, args.out / "samples.png")
     prior = (torch.bincount(y, minlength=10).float() / len(y)).tolist()
+    # the attacks on the remote side's file: each row stands for the secret class its label decodes to
+    held = perm.to_secret(decoys["y_train"])
+    file_cluster = cluster_attack(decoys["x_train"], held, prior)
+    file_frequency = frequency_attack(decoys["y_train"], held, prior)
     audit = audit_decoys(test_decoys, perm.to_decoy(yt), yt, prior, judge=judge, real_x=xt, real_y=yt,
                          probe_sizes=(10, 100, 1000))
     line = {
@@ -90,9 +96,12 @@ def main() -> None:
         "end_to_end_accuracy": round(end_to_end, 4),
         "remote_decoy_images": counts["train"], "remote_minutes": round(remote_minutes, 3),
         "plaintext_accuracy": round(plaintext_accuracy, 4), "plaintext_minutes": round(plaintext_minutes, 3),
-        "audit_cluster_attack_accuracy": round(audit.cluster_attack_accuracy, 4),
-        "audit_frequency_attack_accuracy": round(audit.frequency_attack_accuracy, 4),
-        "audit_chance": round(audit.chance, 4),
+        "audit_cluster_attack_accuracy": round(file_cluster, 4),
+        "audit_frequency_attack_accuracy": round(file_frequency, 4),
+        "audit_chance": round(float(torch.bincount(held).max()) / len(held), 4),
+        "audit_cluster_attack_unbalanced_test": round(audit.cluster_attack_accuracy, 4),
+        "audit_frequency_attack_unbalanced_test": round(audit.frequency_attack_accuracy, 4),
+        "audit_chance_unbalanced_test": round(audit.chance, 4),
         "audit_probe_accuracy": round(audit.probe_accuracy.get(100, float("nan")), 4),
         "audit_probe_by_labelled_pairs": {str(k): round(v, 4) for k, v in audit.probe_accuracy.items()},
         "audit_feature_distance": round(audit.feature_distance or 0.0, 3),

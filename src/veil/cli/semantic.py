@@ -83,7 +83,7 @@ def _add_remote(steps: Any) -> None:
     p.add_argument("--arch", default="lenet", help="lenet, mlp, small, or package.module:factory")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak of the one-cycle schedule (default 3e-3)")
     p.add_argument("--out", required=True, type=Path, metavar="FILE.pt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")

@@ -135,7 +135,7 @@ class Standardize(nn.Module):
 
 
 def train_remote(x: torch.Tensor, y: torch.Tensor, *, arch: str | nn.Module = "lenet", epochs: int = 2,
-                 batch_size: int = 128, lr: float = 1e-3, progress: bool = True,
+                 batch_size: int = 128, lr: float = 3e-3, progress: bool = True,
                  device: torch.device | str = "cpu") -> nn.Module:
     """The remote side's job: a classifier of decoy images (a module, or a model of
     :mod:`veil.nn.zoo` / ``package.module:factory`` by name; ``mlp`` is sized to the images), inputs
