@@ -1,0 +1,208 @@
+"""HE-friendly networks: what CKKS can evaluate, and the conversion of a ``torch.nn.Module`` into it.
+
+CKKS computes additions and multiplications on encrypted real numbers, a bounded number of
+multiplications deep. So a network it can evaluate is a chain of
+
+* **affine layers**: ``Conv2d`` (any stride and padding, no groups or dilation), ``Linear``,
+  ``AvgPool2d``, ``Flatten`` and ``BatchNorm`` (folded into the layer before it), each one a matrix
+  and a bias on the flattened activations;
+* **polynomial activations**: :class:`Square` (``x^2``) or :class:`Poly` (``a x^2 + b x``, trained).
+
+ReLU, max-pooling, softmax and the like are refused with a message naming the layer: train with
+:func:`he_lenet` (or your own module made of the layers above) instead. :func:`to_plan` turns a
+module into a :class:`Plan` (dense matrices and polynomials), which the encrypted evaluators run
+and which :func:`run_plan` evaluates in plaintext, the reference the tests hold decryptions to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class HEError(ValueError):
+    """A model, key, parameter set or ciphertext that homomorphic evaluation cannot take."""
+
+
+class Square(nn.Module):
+    """``x^2``: the activation of CryptoNets (one multiplicative level)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+class Poly(nn.Module):
+    """``a x^2 + b x`` with trained ``a`` and ``b`` (one multiplicative level); starts near
+    ``0.1 x^2 + 0.5 x``, a fit of ReLU on [-2, 2]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.1))
+        self.b = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a * x * x + self.b * x
+
+
+def he_lenet(channels: int = 8, hidden: int = 100, activation: str = "square") -> nn.Sequential:
+    """conv ``channels``@5x5 stride 2 - act - fc ``hidden`` - act - fc 10, on ``(N, 1, 28, 28)``
+    MNIST in [0, 1] (the CryptoNets shape, wider). BatchNorm after each linear layer keeps the
+    squares in range while training; it is folded away by :func:`to_plan`."""
+    act = {"square": Square, "poly": Poly}.get(activation)
+    if act is None:
+        raise HEError(f"activation must be 'square' or 'poly', got {activation!r}")
+    return nn.Sequential(
+        nn.Conv2d(1, channels, 5, stride=2), nn.BatchNorm2d(channels), act(), nn.Flatten(),
+        nn.Linear(channels * 12 * 12, hidden), nn.BatchNorm1d(hidden), act(), nn.Linear(hidden, 10))
+
+
+@dataclass
+class Affine:
+    """``y = W x + b`` on flattened activations; ``source`` names the layers it came from."""
+
+    weight: torch.Tensor  # (out, in), float64
+    bias: torch.Tensor  # (out,)
+    source: str
+    conv: dict | None = None  # for a first Conv2d: in_shape, kernel, stride, padding, channels
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.weight.shape[0]), int(self.weight.shape[1])
+
+
+@dataclass
+class Activation:
+    """``y = a x^2 + b x`` elementwise."""
+
+    a: float
+    b: float
+    source: str
+
+
+@dataclass
+class Plan:
+    input_shape: tuple[int, ...]
+    steps: list[Affine | Activation] = field(default_factory=list)
+
+    @property
+    def depth(self) -> int:
+        """Multiplicative levels used (one per affine layer, one per activation)."""
+        return len(self.steps)
+
+    @property
+    def outputs(self) -> int:
+        last = [s for s in self.steps if isinstance(s, Affine)][-1]
+        return last.shape[0]
+
+
+@torch.no_grad()
+def to_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan:
+    """The :class:`Plan` of ``model`` (evaluated on one input of ``input_shape``, e.g. (1, 28, 28))."""
+    model = model.eval().double().cpu()
+    layers = list(model) if isinstance(model, nn.Sequential) else [model]
+    layers = _flatten_sequentials(layers)
+    plan = Plan(tuple(input_shape))
+    shape = tuple(input_shape)
+    pending: Affine | None = None
+    for i, layer in enumerate(layers):
+        name = f"layer {i} ({type(layer).__name__})"
+        if isinstance(layer, nn.Conv2d | nn.Linear | nn.AvgPool2d | nn.Flatten | nn.BatchNorm1d | nn.BatchNorm2d
+                      | nn.Identity | nn.Dropout):
+            if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.dilation != (1, 1)
+                                                 or layer.padding_mode != "zeros"):
+                raise HEError(f"{name}: grouped, dilated or non-zero-padded convolutions are not supported")
+            if isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d) and pending is None:
+                raise HEError(f"{name}: a BatchNorm must follow an affine layer to be folded into it")
+            w, b, out_shape = _affine_of(layer, shape)
+            conv = None
+            if isinstance(layer, nn.Conv2d) and pending is None and not plan.steps:
+                conv = {"in_shape": list(shape), "kernel": list(layer.kernel_size), "stride": list(layer.stride),
+                        "padding": list(layer.padding), "channels": int(layer.out_channels)}
+            if pending is None:
+                pending = Affine(w, b, name, conv)
+            else:  # compose with the affine layers before it
+                pending = Affine(w @ pending.weight, w @ pending.bias + b, f"{pending.source} + {name}",
+                                 pending.conv if isinstance(layer, nn.BatchNorm1d | nn.BatchNorm2d | nn.Identity
+                                                                  | nn.Dropout | nn.Flatten) else None)
+            shape = out_shape
+        elif isinstance(layer, Square | Poly):
+            if pending is None:
+                raise HEError(f"{name}: an activation must follow an affine layer")
+            plan.steps.append(pending)
+            pending = None
+            a, b = (1.0, 0.0) if isinstance(layer, Square) else (float(layer.a), float(layer.b))
+            plan.steps.append(Activation(a, b, name))
+        else:
+            raise HEError(f"{name}: homomorphic encryption cannot evaluate {type(layer).__name__}; use "
+                          "Conv2d/Linear/AvgPool2d/Flatten/BatchNorm and Square or Poly activations "
+                          "(veil.he.models.he_lenet)")
+    if pending is None:
+        raise HEError("the model must end with an affine layer (the logits)")
+    plan.steps.append(pending)
+    return plan
+
+
+def _flatten_sequentials(layers: list[nn.Module]) -> list[nn.Module]:
+    out: list[nn.Module] = []
+    for layer in layers:
+        out.extend(_flatten_sequentials(list(layer)) if isinstance(layer, nn.Sequential) else [layer])
+    return out
+
+
+def _affine_of(layer: nn.Module, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """The matrix and bias of an affine layer on flattened inputs of ``shape`` (by probing it)."""
+    n = 1
+    for d in shape:
+        n *= d
+    try:
+        zero = layer(torch.zeros((1, *shape), dtype=torch.float64))
+        basis = layer(torch.eye(n, dtype=torch.float64).reshape(n, *shape))
+    except RuntimeError as e:
+        raise HEError(f"{type(layer).__name__} does not take inputs of shape {shape}: {e}") from None
+    out_shape = tuple(zero.shape[1:])
+    bias = zero.reshape(-1)
+    weight = (basis.reshape(n, -1) - bias).T.contiguous()
+    return weight, bias, out_shape
+
+
+@torch.no_grad()
+def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
+    """Plaintext evaluation of a plan on ``(N, *input_shape)``: the reference for decryptions."""
+    h = x.reshape(len(x), -1).double()
+    for step in plan.steps:
+        if isinstance(step, Affine):
+            h = h @ step.weight.T + step.bias
+        else:
+            h = step.a * h * h + step.b * h
+    return h
+
+
+def train_he_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10, batch_size: int = 128,
+                   lr: float = 3e-3, clip: float = 1.0, progress: bool = True) -> nn.Module:
+    """The recipe for polynomial networks: Adam with a one-cycle schedule and gradient clipping
+    (squares blow up without it), inputs in [0, 1]."""
+    from tqdm import tqdm
+
+    from veil.randomness import torch_generator
+
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * -(-len(x) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    gen = torch_generator("cpu")
+    with tqdm(total=steps, desc="HE-friendly model", unit="batch", disable=not progress) as bar:
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                if not torch.isfinite(loss):
+                    raise HEError("training diverged (the squares overflowed): lower lr or clip")
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+                opt.step()
+                schedule.step()
+                bar.update(1)
+    return model.eval()
