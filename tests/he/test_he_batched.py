@@ -26,6 +26,7 @@ def _perturbed(model):
 def test_the_plan_of_the_he_lenet_computes_what_the_module_computes():
     model = _perturbed(he_lenet(channels=4, hidden=20, activation="poly"))
     plan = to_plan(model, (1, 28, 28))
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is left as it was
     assert plan.depth == 5 and plan.outputs == 10  # conv, act, fc, act, fc: BatchNorms folded away
     x = torch.rand(7, 1, 28, 28, dtype=torch.float64)
     assert torch.allclose(run_plan(plan, x), model.double()(x), atol=1e-9)

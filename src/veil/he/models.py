@@ -16,6 +16,7 @@ and which :func:`run_plan` evaluates in plaintext, the reference the tests hold 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -101,7 +102,7 @@ class Plan:
 @torch.no_grad()
 def to_plan(model: nn.Module, input_shape: tuple[int, ...]) -> Plan:
     """The :class:`Plan` of ``model`` (evaluated on one input of ``input_shape``, e.g. (1, 28, 28))."""
-    model = model.eval().double().cpu()
+    model = copy.deepcopy(model).eval().double().cpu()  # the caller's model stays as it was
     layers = list(model) if isinstance(model, nn.Sequential) else [model]
     layers = _flatten_sequentials(layers)
     plan = Plan(tuple(input_shape))
