@@ -63,7 +63,7 @@ def main() -> None:
     xt, yt = load_mnist("test", normalize=False)
 
     t0 = time.perf_counter()
-    judge = train_classifier(_lenet(), x, y, epochs=args.remote_epochs, desc="judge (plaintext LeNet)")
+    judge = train_classifier(_lenet(), x, y, epochs=args.remote_epochs)
     plaintext_minutes = (time.perf_counter() - t0) / 60
     plaintext_accuracy = accuracy(judge, xt, yt)
 

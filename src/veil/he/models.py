@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 
 class HEError(ValueError):
@@ -183,27 +182,14 @@ def run_plan(plan: Plan, x: torch.Tensor) -> torch.Tensor:
 
 def train_he_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10, batch_size: int = 128,
                    lr: float = 3e-3, clip: float = 1.0, progress: bool = True) -> nn.Module:
-    """The recipe for polynomial networks: Adam with a one-cycle schedule and gradient clipping
-    (squares blow up without it), inputs in [0, 1]."""
-    from tqdm import tqdm
+    """The recipe for polynomial networks (:func:`veil.nn.zoo.train_plaintext`): Adam with a one-cycle
+    schedule and gradient clipping (squares blow up without it), inputs in [0, 1]."""
+    import math
 
-    from veil.randomness import torch_generator
+    from veil.nn.zoo import train_plaintext
 
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * -(-len(x) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    gen = torch_generator("cpu")
-    with tqdm(total=steps, desc="HE-friendly model", unit="batch", disable=not progress) as bar:
-        for _ in range(epochs):
-            for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                if not torch.isfinite(loss):
-                    raise HEError("training diverged (the squares overflowed): lower lr or clip")
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), clip)
-                opt.step()
-                schedule.step()
-                bar.update(1)
+    losses = train_plaintext(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, progress=progress,
+                             schedule="one-cycle", max_grad_norm=clip)
+    if not all(math.isfinite(v) for v in losses):
+        raise HEError("training diverged (the squares overflowed): lower lr or clip")
     return model.eval()

@@ -149,7 +149,7 @@ def train_remote(x: torch.Tensor, y: torch.Tensor, *, arch: str | nn.Module = "l
     model = Standardize(net, float(x.mean()), float(x.std()) or 1.0, arch if named else None,
                         flatten=named and arch.lower() == "mlp")
     return train_classifier(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, progress=progress,
-                            device=device, desc="remote classifier")
+                            device=device)
 
 
 class ComposedClassifier(nn.Module):

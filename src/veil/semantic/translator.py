@@ -126,27 +126,14 @@ class TranslatorHistory:
 
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 2, batch_size: int = 128,
-                     lr: float = 3e-3, device: torch.device | str = "cpu", progress: bool = False,
-                     desc: str = "classifier") -> nn.Module:
-    """Plain supervised training (Adam with a one-cycle learning-rate schedule peaking at ``lr``,
-    cross-entropy) with a progress bar. On MNIST the local classifier reaches 99.3% in 3 epochs
-    this way, against 98.7% at a constant 1e-3."""
-    from tqdm import tqdm
+                     lr: float = 3e-3, device: torch.device | str = "cpu", progress: bool = False) -> nn.Module:
+    """Plain supervised training (:func:`veil.nn.zoo.train_plaintext`: Adam, cross-entropy, a one-cycle
+    schedule peaking at ``lr``), returned in eval mode. On MNIST the local classifier reaches 99.3%
+    in 3 epochs this way, against 98.7% at a constant 1e-3."""
+    from veil.nn.zoo import train_plaintext
 
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch_generator("cpu")
-    steps = epochs * math.ceil(len(x) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    with tqdm(total=steps, desc=desc, unit="batch", disable=not progress) as bar:
-        for _ in range(epochs):
-            for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
-                loss.backward()
-                opt.step()
-                schedule.step()
-                bar.update(1)
+    train_plaintext(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, device=device, progress=progress,
+                    schedule="one-cycle")
     return model.eval()
 
 
@@ -241,8 +228,7 @@ def fit_translator(x: torch.Tensor, y: torch.Tensor, permutation: ClassPermutati
         start = _load_checkpoint(Path(checkpoint), net, disc, opt_g, opt_d, history, permutation, s)
     if start == 0:
         train_classifier(net.classifier, x, y, epochs=s.classifier_epochs, batch_size=s.batch_size, device=device,
-                         progress=progress,
-                         desc="local classifier")
+                         progress=progress)
         history.classifier_accuracy = accuracy(net.classifier, x[:5000], y[:5000], device=device)
     for p in net.classifier.parameters():
         p.requires_grad_(False)
