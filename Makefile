@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lint clean
+.PHONY: demo he-demo test test-all bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python examples/train_lenet.py --out .cache/lenet-mnist.pt
 	$(BIN)/veil infer --model .cache/lenet-mnist.pt --arch lenet --data mnist --batch-size 1000
+
+# Encrypted inference (CKKS): an untrusted server process (run as 'nobody' when root) and a client, over TLS.
+he-demo: $(STAMP)
+	$(BIN)/veil he demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from veil.he.batched import BatchedEvaluator, decrypt_batch, encrypt_batch, load_encrypted, save_encrypted
+from veil.he import ciphertexts
+from veil.he.batched import BatchedEvaluator, decrypt_batch, encrypt_batch
 from veil.he.keys import HEParams, keygen, load_keys, read_container, save_keys
 from veil.he.models import HEError, Poly, Square, he_lenet, run_plan, to_plan
 
@@ -86,31 +87,33 @@ def small_plan():
 def test_batched_decryptions_match_the_plaintext_plan(key_files, small_plan, tmp_path):
     client, server = load_keys(key_files / "client.key"), load_keys(key_files / "server.key")
     x = torch.rand(300, 64)
-    enc = encrypt_batch(client, x)
-    save_encrypted(enc, client, tmp_path / "x.ct")
-    out = BatchedEvaluator(server, small_plan)(load_encrypted(tmp_path / "x.ct", server))
-    got = decrypt_batch(client, out)
+    ciphertexts.save(ciphertexts.encrypt(client, x, "batched"), tmp_path / "x.ct")
+    out = ciphertexts.evaluate(server, small_plan, ciphertexts.load(tmp_path / "x.ct", server))
+    ciphertexts.save(out, tmp_path / "y.ct")
+    got = ciphertexts.decrypt(client, ciphertexts.load(tmp_path / "y.ct", client))
     want = run_plan(small_plan, x)
     # stated bound: 1e-3 absolute on logits of magnitude ~1 at a 2^28 scale (measured ~1e-5)
     assert got.shape == (300, 10) and float((got - want).abs().max()) < 1e-3
     with pytest.raises(HEError, match="needs the client key file"):
-        decrypt_batch(server, out)
+        ciphertexts.decrypt(server, out)
+    with pytest.raises(HEError, match="not a model's outputs"):
+        ciphertexts.decrypt(client, ciphertexts.load(tmp_path / "x.ct", client))
 
 
 def test_ciphertexts_under_another_key_or_tampered_are_refused(key_files, small_plan, tmp_path):
     client = load_keys(key_files / "client.key")
     other = keygen(HEParams())
     enc = encrypt_batch(other, torch.rand(5, 64))
-    save_encrypted(enc, other, tmp_path / "other.ct")
+    ciphertexts.save(ciphertexts.encrypt(other, torch.rand(5, 64), "batched"), tmp_path / "other.ct")
     with pytest.raises(HEError, match="wrong key"):
-        load_encrypted(tmp_path / "other.ct", client)
+        ciphertexts.load(tmp_path / "other.ct", client)
     with pytest.raises(HEError, match="wrong key"):
         decrypt_batch(client, enc)
     data = bytearray((tmp_path / "other.ct").read_bytes())
     data[len(data) // 2] ^= 0x40
     (tmp_path / "tampered.ct").write_bytes(bytes(data))
     with pytest.raises(HEError, match="tampered"):
-        load_encrypted(tmp_path / "tampered.ct", other)
+        ciphertexts.load(tmp_path / "tampered.ct", other)
 
 
 def test_a_model_deeper_than_the_parameters_is_refused(key_files):

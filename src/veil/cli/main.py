@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from veil.cli import fl, infer, keygen, m209, run, semantic, share, train
+from veil.cli import fl, he, infer, keygen, m209, run, semantic, share, train
 
 # --- Registered command modules (add new ones here, in the order `veil --help` lists them) ---------
 COMMANDS: tuple[ModuleType, ...] = (
@@ -26,6 +26,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     m209,
     fl,
     semantic,
+    he,
 )
 
 

@@ -19,8 +19,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-DIGITS_TRAIN = 1400
-
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -115,32 +113,6 @@ def _add_evaluate(steps: Any) -> None:
 
 
 # ---- data ----------------------------------------------------------------------------------------------
-def load_pixels(source: str, split: str, limit: int | None = None) -> tuple[Any, Any]:
-    """Images in [0, 1] (``(N, C, H, W)``) and labels (or None) from a named source or file."""
-    import torch
-
-    if source == "mnist":
-        from veil.data.mnist import load_mnist
-
-        x, y = load_mnist(split, normalize=False)  # type: ignore[arg-type]
-    elif source == "digits":
-        from veil.data.digits import load_digits
-
-        x, y = load_digits()
-        x, y = (x[:DIGITS_TRAIN], y[:DIGITS_TRAIN]) if split == "train" else (x[DIGITS_TRAIN:], y[DIGITS_TRAIN:])
-    else:
-        from veil.data.images import load_images
-
-        x, y = load_images(source, split=split)
-        if x.numel() and float(x.max()) > 1 and float(x.max()) <= 255 and torch.equal(x, x.round()):
-            x = x / 255  # 0..255 integer pixels
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"--limit must be positive, got {limit}")
-        x, y = x[:limit], (y[:limit] if y is not None else None)
-    return x, y
-
-
 def _need_labels(y: Any, source: str, why: str) -> Any:
     if y is None:
         raise ValueError(f"{source}: has no labels, which {why} needs")
@@ -159,6 +131,7 @@ def _emit(out: dict[str, Any], path: Path | None = None) -> int:
 
 # ---- steps ---------------------------------------------------------------------------------------------
 def _fit(args: argparse.Namespace) -> int:
+    from veil.data.images import load_pixels
     from veil.semantic import ClassPermutation, TranslatorSettings, fit_translator, save_translator
     from veil.semantic.pipeline import save_grid
 
@@ -187,6 +160,7 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _translate(args: argparse.Namespace) -> int:
+    from veil.data.images import load_pixels
     from veil.semantic import load_translator, write_decoys
     from veil.semantic.pipeline import save_grid
 
@@ -237,6 +211,7 @@ def _compose(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    from veil.data.images import load_pixels
     from veil.semantic.pipeline import load_composed
 
     model = load_composed(args.model)

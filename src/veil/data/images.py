@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 NAMED = ("mnist", "digits")
+DIGITS_TRAIN = 1400  # load_pixels' train/test split of the 1,797 digits
 
 
 class DatasetError(ValueError):
@@ -46,6 +47,31 @@ def load_images(source: str | Path, *, split: str = "test", limit: int | None = 
         x, y = load_digits()  # one set of 1,797 images: no split
     else:
         x, y = _from_file(Path(name), split)
+    if limit is not None:
+        x, y = x[:limit], (y[:limit] if y is not None else None)
+    return x, y
+
+
+def load_pixels(source: str, split: str = "test", limit: int | None = None, *,
+                mnist_path: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Like :func:`load_images` but with pixels in [0, 1], not normalised (what networks for decoys and
+    for homomorphic encryption take), and ``digits`` split into a train part (the first 1,400) and a
+    test part (the other 397). Files with 0..255 integer pixels are scaled."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be positive, got {limit}")
+    if source == "mnist":
+        from veil.data.mnist import load_mnist
+
+        x, y = load_mnist(split, normalize=False, path=mnist_path)  # type: ignore[arg-type]
+    elif source == "digits":
+        from veil.data.digits import load_digits
+
+        x, y = load_digits()
+        x, y = (x[:DIGITS_TRAIN], y[:DIGITS_TRAIN]) if split == "train" else (x[DIGITS_TRAIN:], y[DIGITS_TRAIN:])
+    else:
+        x, y = load_images(source, split=split)
+        if x.numel() and float(x.max()) > 1 and float(x.max()) <= 255 and torch.equal(x, x.round()):
+            x = x / 255  # 0..255 integer pixels
     if limit is not None:
         x, y = x[:limit], (y[:limit] if y is not None else None)
     return x, y

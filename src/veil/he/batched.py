@@ -15,7 +15,6 @@ and folds ``a`` into the next affine layer's weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -156,31 +155,3 @@ class BatchedEvaluator:
             ev.rescale_to_next_inplace(sq)
             out.append(sq)
         return out, step.a
-
-
-def save_encrypted(enc: Encrypted, keys: Keys, path: str | Path) -> Path:
-    """A ciphertext file: header (key id, parameters, image count) and one blob per ciphertext."""
-    from veil.he.keys import to_bytes, write_container
-
-    header = {"kind": "ciphertexts", "key_id": enc.key_id, "params": keys.params.as_dict(), "count": enc.count,
-              "features": len(enc.cts)}
-    return write_container(path, header, {f"ct{i:06d}": to_bytes(ct) for i, ct in enumerate(enc.cts)},
-                           private=False)
-
-
-def load_encrypted(path: str | Path, keys: Keys) -> Encrypted:
-    """Ciphertexts of ``path``, checked against ``keys`` (same key id, same parameters)."""
-    import tenseal.sealapi as seal
-
-    from veil.he.keys import HEParams, from_bytes, read_container
-
-    header, blobs = read_container(path, "ciphertexts")
-    if header.get("key_id") != keys.key_id:
-        raise HEError(f"{path}: encrypted under key {header.get('key_id')}, this is key {keys.key_id}: wrong key")
-    if HEParams.from_dict(header.get("params", {})) != keys.params:
-        raise HEError(f"{path}: encrypted with other parameters ({header.get('params')}) than the keys'")
-    names = sorted(blobs)
-    if len(names) != int(header.get("features", -1)):
-        raise HEError(f"{path}: {len(names)} ciphertexts, the header says {header.get('features')}")
-    cts = [from_bytes(seal.Ciphertext, keys.context, blobs[n], f"{path}: {n}") for n in names]
-    return Encrypted(cts, int(header["count"]), keys.key_id)

@@ -119,50 +119,82 @@ def from_bytes(kind: Any, ctx: Any, data: bytes, what: str) -> Any:
         os.unlink(name)
 
 
-# ---- container files ------------------------------------------------------------------------------
-def write_container(path: str | Path, header: dict[str, Any], blobs: dict[str, bytes], *, private: bool) -> Path:
-    """``MAGIC``, a length-prefixed JSON header (with each blob's size and SHA-256), then the blobs;
-    atomically, mode 0600 if ``private``."""
-    from veil.files import atomic_writer
-
+# ---- containers: the format of key files, ciphertext files and network messages ------------------
+def pack_container(header: dict[str, Any], blobs: dict[str, bytes]) -> bytes:
+    """``MAGIC``, a length-prefixed JSON header (with each blob's size and SHA-256), then the blobs
+    in name order."""
     header = {**header, "blobs": {k: {"size": len(v), "sha256": hashlib.sha256(v).hexdigest()}
                                   for k, v in blobs.items()}}
     head = json.dumps(header, sort_keys=True).encode()
-    with atomic_writer(path, mode=0o600 if private else 0o644) as f:
-        f.write(MAGIC + struct.pack(">I", len(head)) + head)
-        for k in sorted(blobs):  # the header lists them sorted (sort_keys)
-            f.write(blobs[k])
-    return Path(path)
+    return b"".join([MAGIC, struct.pack(">I", len(head)), head, *(blobs[k] for k in sorted(blobs))])
 
 
-def read_container(path: str | Path, kind: str) -> tuple[dict[str, Any], dict[str, bytes]]:
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise HEError(f"{path}: no such file") from None
-    except OSError as e:
-        raise HEError(f"{path}: cannot read ({e.strerror})") from None
+def unpack_container(data: bytes, kind: str | tuple[str, ...], where: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Header and blobs of :func:`pack_container`'s ``data``, checked: the magic, the kind (one of
+    ``kind``), every blob against its digest, no trailing bytes. ``where`` names the source in errors."""
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
-        raise HEError(f"{path}: not a Veil HE file")
+        raise HEError(f"{where}: not a Veil HE file")
     (n,) = struct.unpack(">I", data[len(MAGIC):len(MAGIC) + 4])
     start = len(MAGIC) + 4
     try:
         header = json.loads(data[start:start + n])
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise HEError(f"{path}: damaged header") from None
-    if not isinstance(header, dict) or header.get("kind") != kind:
+        raise HEError(f"{where}: damaged header") from None
+    if not isinstance(header, dict) or header.get("kind") not in kinds:
         got = header.get("kind") if isinstance(header, dict) else None
-        raise HEError(f"{path}: a {got or 'unknown'} file, expected a {kind} file")
+        raise HEError(f"{where}: a {got or 'unknown'} file, expected a {' or '.join(kinds)} file")
     blobs, pos = {}, start + n
-    for name, meta in sorted(header.get("blobs", {}).items()):
-        blob = data[pos:pos + int(meta["size"])]
-        pos += int(meta["size"])
-        if len(blob) != int(meta["size"]) or hashlib.sha256(blob).hexdigest() != meta["sha256"]:
-            raise HEError(f"{path}: {name} does not match its digest (truncated or tampered with)")
-        blobs[name] = blob
+    try:
+        for name, meta in sorted(header.get("blobs", {}).items()):
+            size = int(meta["size"])
+            blob = data[pos:pos + size]
+            pos += size
+            if len(blob) != size or hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+                raise HEError(f"{where}: {name} does not match its digest (truncated or tampered with)")
+            blobs[name] = blob
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, HEError):
+            raise
+        raise HEError(f"{where}: damaged header ({e})") from None
     if pos != len(data):
-        raise HEError(f"{path}: {len(data) - pos} trailing bytes (tampered with)")
+        raise HEError(f"{where}: {len(data) - pos} trailing bytes (tampered with)")
     return header, blobs
+
+
+def container_kind(data: bytes) -> str | None:
+    """The ``kind`` in the header of container bytes (nothing checked), or None if there is none."""
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
+        return None
+    (n,) = struct.unpack(">I", data[len(MAGIC):len(MAGIC) + 4])
+    try:
+        header = json.loads(data[len(MAGIC) + 4:len(MAGIC) + 4 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return header.get("kind") if isinstance(header, dict) else None
+
+
+def write_container(path: str | Path, header: dict[str, Any], blobs: dict[str, bytes], *, private: bool) -> Path:
+    """:func:`pack_container` to ``path``, atomically; mode 0600 if ``private``."""
+    from veil.files import atomic_writer
+
+    with atomic_writer(path, mode=0o600 if private else 0o644) as f:
+        f.write(pack_container(header, blobs))
+    return Path(path)
+
+
+def read_file(path: str | Path) -> bytes:
+    """A file's bytes, or an HEError naming it."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise HEError(f"{path}: no such file") from None
+    except OSError as e:
+        raise HEError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_container(path: str | Path, kind: str | tuple[str, ...]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    return unpack_container(read_file(path), kind, str(path))
 
 
 # ---- keys -----------------------------------------------------------------------------------------
@@ -212,39 +244,73 @@ def keygen(params: HEParams, galois_steps: list[int] | tuple[int, ...] = ()) -> 
     return Keys(params, ctx, key_id, public, relin, galois, steps, secret=gen.secret_key())
 
 
+def _header(keys: Keys, kind: str) -> dict[str, Any]:
+    return {"kind": kind, "params": keys.params.as_dict(), "key_id": keys.key_id,
+            "galois_steps": list(keys.galois_steps)}
+
+
+def server_key_bytes(keys: Keys) -> bytes:
+    """The server key file's bytes (public, relinearisation and Galois keys; never the secret key):
+    what the client gives the server, as a file or over the network."""
+    blobs = {"public": to_bytes(keys.public), "relin": to_bytes(keys.relin)}
+    if keys.galois is not None:
+        blobs["galois"] = to_bytes(keys.galois)
+    return pack_container(_header(keys, "server-key"), blobs)
+
+
 def save_keys(keys: Keys, client_path: str | Path, server_path: str | Path) -> tuple[Path, Path]:
     """The client key file (secret key; mode 0600) and the server key file (no secret)."""
+    from veil.files import write_atomic
+
     if not keys.is_private:
         raise HEError("these keys have no secret key: only the client that made them can save a key pair")
-    header = {"params": keys.params.as_dict(), "key_id": keys.key_id, "galois_steps": list(keys.galois_steps)}
-    public = {"public": to_bytes(keys.public), "relin": to_bytes(keys.relin)}
-    if keys.galois is not None:
-        public["galois"] = to_bytes(keys.galois)
-    write_container(client_path, {**header, "kind": "client-key"},
-                    {"secret": to_bytes(keys.secret), "public": public["public"]}, private=True)
-    write_container(server_path, {**header, "kind": "server-key"}, public, private=False)
+    write_container(client_path, _header(keys, "client-key"),
+                    {"secret": to_bytes(keys.secret), "public": to_bytes(keys.public)}, private=True)
+    write_atomic(server_path, server_key_bytes(keys))
     return Path(client_path), Path(server_path)
 
 
 def load_keys(path: str | Path) -> Keys:
     """A client key file (with the secret key) or a server key file (without)."""
+    header, blobs = read_container(path, ("client-key", "server-key"))
+    return _keys(header, blobs, str(path))
+
+
+def load_server_keys(source: str | Path | bytes, where: str | None = None) -> Keys:
+    """The server's side: a server key file (or its bytes, received from a client). A client key file
+    is refused: it holds the secret key, which must never reach the server."""
+    if isinstance(source, bytes):
+        data, where = source, where or "server keys"
+    else:
+        data, where = read_file(source), where or str(source)
+    header, blobs = unpack_container(data, ("server-key", "client-key"), where)
+    if header["kind"] != "server-key" or "secret" in blobs:
+        raise HEError(f"{where}: a client key file, which holds the secret key: the server refuses it (give the "
+                      "server the server key file; the client key file never leaves the client)")
+    return _keys(header, blobs, where)
+
+
+def _keys(header: dict[str, Any], blobs: dict[str, bytes], where: str) -> Keys:
     import tenseal.sealapi as seal
 
-    try:
-        header, blobs = read_container(path, "client-key")
-    except HEError as e:
-        if "expected a client-key file" not in str(e):
-            raise
-        header, blobs = read_container(path, "server-key")
     params = HEParams.from_dict(header.get("params", {}))
     ctx = seal_context(params)
-    public = from_bytes(seal.PublicKey, ctx, blobs["public"], f"{path}: public key")
+    if "public" not in blobs:
+        raise HEError(f"{where}: no public key")
+    public = from_bytes(seal.PublicKey, ctx, blobs["public"], f"{where}: public key")
     if hashlib.sha256(blobs["public"]).hexdigest()[:32] != header.get("key_id"):
-        raise HEError(f"{path}: the public key does not match the key id (tampered with)")
-    steps = tuple(int(s) for s in header.get("galois_steps", []))
+        raise HEError(f"{where}: the public key does not match the key id (tampered with)")
+    try:
+        steps = tuple(int(s) for s in header.get("galois_steps", []))
+    except (TypeError, ValueError):
+        raise HEError(f"{where}: damaged header (galois_steps)") from None
     if header["kind"] == "client-key":
-        secret = from_bytes(seal.SecretKey, ctx, blobs["secret"], f"{path}: secret key")
+        secret = from_bytes(seal.SecretKey, ctx, blobs["secret"], f"{where}: secret key")
         return Keys(params, ctx, header["key_id"], public, None, None, steps, secret=secret)
-    relin = from_bytes(seal.RelinKeys, ctx, blobs["relin"], f"{path}: relinearisation key")
-    galois = from_bytes(seal.GaloisKeys, ctx, blobs["galois"], f"{path}: Galois keys") if "galois" in blobs else None
+    if "relin" not in blobs:
+        raise HEError(f"{where}: no relinearisation key")
+    relin = from_bytes(seal.RelinKeys, ctx, blobs["relin"], f"{where}: relinearisation key")
+    galois = from_bytes(seal.GaloisKeys, ctx, blobs["galois"], f"{where}: Galois keys") if "galois" in blobs else None
+    if bool(steps) != (galois is not None):
+        raise HEError(f"{where}: the header's rotation steps and the Galois keys disagree (tampered with)")
     return Keys(params, ctx, header["key_id"], public, relin, galois, steps)

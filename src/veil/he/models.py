@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,16 +49,21 @@ class Poly(nn.Module):
         return self.a * x * x + self.b * x
 
 
-def he_lenet(channels: int = 8, hidden: int = 100, activation: str = "square") -> nn.Sequential:
-    """conv ``channels``@5x5 stride 2 - act - fc ``hidden`` - act - fc 10, on ``(N, 1, 28, 28)``
-    MNIST in [0, 1] (the CryptoNets shape, wider). BatchNorm after each linear layer keeps the
-    squares in range while training; it is folded away by :func:`to_plan`."""
+def he_lenet(channels: int = 8, hidden: int = 100, activation: str = "square", *, side: int = 28,
+             classes: int = 10, kernel: int = 5, stride: int = 2) -> nn.Sequential:
+    """conv ``channels``@``kernel``x``kernel`` with ``stride`` - act - fc ``hidden`` - act - fc ``classes``,
+    on ``(N, 1, side, side)`` images in [0, 1]. The defaults are the CryptoNets shape for MNIST, wider.
+    BatchNorm after each linear layer keeps the squares in range while training; it is folded away by
+    :func:`to_plan`."""
     act = {"square": Square, "poly": Poly}.get(activation)
     if act is None:
         raise HEError(f"activation must be 'square' or 'poly', got {activation!r}")
+    out = (side - kernel) // stride + 1
+    if out < 1:
+        raise HEError(f"a {kernel}x{kernel} kernel does not fit {side}x{side} images")
     return nn.Sequential(
-        nn.Conv2d(1, channels, 5, stride=2), nn.BatchNorm2d(channels), act(), nn.Flatten(),
-        nn.Linear(channels * 12 * 12, hidden), nn.BatchNorm1d(hidden), act(), nn.Linear(hidden, 10))
+        nn.Conv2d(1, channels, kernel, stride=stride), nn.BatchNorm2d(channels), act(), nn.Flatten(),
+        nn.Linear(channels * out * out, hidden), nn.BatchNorm1d(hidden), act(), nn.Linear(hidden, classes))
 
 
 @dataclass
@@ -193,3 +200,90 @@ def train_he_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs
     if not all(math.isfinite(v) for v in losses):
         raise HEError("training diverged (the squares overflowed): lower lr or clip")
     return model.eval()
+
+
+# ---- model files ----------------------------------------------------------------------------------
+MODEL_FORMAT = "veil-he-model"
+
+
+def save_he_model(model: nn.Module, path: str | Path, *, input_shape: tuple[int, ...], config: dict[str, Any],
+                  metrics: dict[str, Any] | None = None) -> Path:
+    """A model file the server loads (:func:`load_he_model`): the ``state_dict``, the constructor
+    arguments of :func:`he_lenet` (``config``) and the input shape; atomically, readable with
+    ``torch.load(weights_only=True)`` (no code runs)."""
+    from veil.files import atomic_writer
+
+    content = {"format": MODEL_FORMAT, "version": 1, "arch": "he_lenet", "config": dict(config),
+               "input_shape": [int(d) for d in input_shape], "metrics": dict(metrics or {}),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    with atomic_writer(path) as f:
+        torch.save(content, f)
+    return Path(path)
+
+
+def load_he_model(path: str | Path, *, architecture: str | None = None,
+                  input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, tuple[int, ...], dict[str, Any]]:
+    """``(module, input_shape, metrics)`` of a :func:`save_he_model` file, or of a plain ``state_dict``
+    with ``architecture`` (``package.module:Class``, built without arguments) and ``input_shape``."""
+    path = Path(path)
+    if not path.is_file():
+        raise HEError(f"{path}: no such model file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a bad file
+        raise HEError(f"{path}: not a PyTorch weights file ({type(e).__name__}: {str(e)[:200]})") from None
+    if isinstance(content, dict) and content.get("format") == MODEL_FORMAT:
+        if content.get("arch") != "he_lenet":
+            raise HEError(f"{path}: unknown architecture {content.get('arch')!r}")
+        try:
+            module = he_lenet(**content["config"])
+        except TypeError as e:
+            raise HEError(f"{path}: malformed he_lenet config {content.get('config')!r}: {e}") from None
+        state, shape, metrics = content["state_dict"], tuple(content["input_shape"]), content.get("metrics", {})
+    elif isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
+        if architecture is None or input_shape is None:
+            raise HEError(f"{path}: a plain state_dict: give its architecture ('package.module:Class') and "
+                          "the input shape (e.g. 1,28,28)")
+        from veil.nn.infer import resolve_architecture
+
+        module, state, shape, metrics = resolve_architecture(architecture), content, tuple(input_shape), {}
+    else:
+        raise HEError(f"{path}: neither a Veil HE model file nor a state_dict")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise HEError(f"{path}: the weights do not fit the architecture: {str(e)[:300]}") from None
+    return module.eval(), shape, metrics
+
+
+# ---- the public part of a plan: what a client may know ---------------------------------------------
+def describe(plan: Plan) -> dict[str, Any]:
+    """The architecture of ``plan`` without its weights or activation coefficients: the input shape,
+    each affine layer's shape (and the first convolution's geometry), where the activations are. The
+    client needs this (not the weights) to lay out its image and to make rotation keys."""
+    steps: list[dict[str, Any]] = []
+    for s in plan.steps:
+        if isinstance(s, Affine):
+            steps.append({"affine": list(s.shape), **({"conv": s.conv} if s.conv is not None else {})})
+        else:
+            steps.append({"activation": True})
+    return {"input_shape": list(plan.input_shape), "steps": steps, "depth": plan.depth, "outputs": plan.outputs}
+
+
+def skeleton(description: dict[str, Any]) -> Plan:
+    """A :class:`Plan` of :func:`describe`'s shape with zero weights: enough for the client's layout
+    and rotation steps, useless for inference."""
+    try:
+        plan = Plan(tuple(int(d) for d in description["input_shape"]))
+        for i, s in enumerate(description["steps"]):
+            if "affine" in s:
+                m, n = (int(v) for v in s["affine"])
+                plan.steps.append(Affine(torch.zeros(m, n, dtype=torch.float64), torch.zeros(m, dtype=torch.float64),
+                                         f"step {i}", s.get("conv")))
+            else:
+                plan.steps.append(Activation(1.0, 0.0, f"step {i}"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise HEError(f"malformed model description ({type(e).__name__}: {e})") from None
+    if not plan.steps or not isinstance(plan.steps[0], Affine) or not isinstance(plan.steps[-1], Affine):
+        raise HEError("malformed model description: it must start and end with an affine layer")
+    return plan

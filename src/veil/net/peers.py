@@ -40,8 +40,9 @@ class PeersConfig:
         return tuple(self.addresses)
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6addr]:port"`` to ``(host, port)``; ValueError when malformed."""
+def parse_address(text: str, *, any_port: bool = False) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6addr]:port"`` to ``(host, port)``; ValueError when malformed.
+    ``any_port``: also port 0 (a listener's "any free port")."""
     if not isinstance(text, str):
         raise ValueError(f"address must be a string 'host:port', got {text!r}")
     host, sep, port = text.rpartition(":")
@@ -49,8 +50,9 @@ def parse_address(text: str) -> tuple[str, int]:
         host = host[1:-1]
     if not sep or not host or (":" in host and not text.startswith("[")):
         raise ValueError(f"address {text!r} is not 'host:port' (IPv6: '[addr]:port')")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"address {text!r} has port {port!r}; expected a number in 1..65535")
+    low = 0 if any_port else 1
+    if not port.isdigit() or not low <= int(port) <= 65535:
+        raise ValueError(f"address {text!r} has port {port!r}; expected a number in {low}..65535")
     return host, int(port)
 
 

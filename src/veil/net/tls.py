@@ -49,7 +49,7 @@ from veil.net.transport import (
 )
 
 
-def _contexts(creds: Credentials) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+def tls_contexts(creds: Credentials) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """Server and client contexts: TLS 1.3 only, peer certificate required, our CA the only anchor."""
     contexts = []
     for protocol in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
@@ -205,7 +205,7 @@ class TLSTransport(Transport):
             raise ValueError(f"party {party!r} is not in the address map {list(parties)}")
         if len(session_id) != SESSION_ID_BYTES:
             raise ValueError(f"session id must be {SESSION_ID_BYTES} bytes, got {len(session_id)}")
-        server_ctx, client_ctx = _contexts(load_credentials(certs_dir, party))
+        server_ctx, client_ctx = tls_contexts(load_credentials(certs_dir, party))
         peers = [p for p in parties if p != party]
         deadline = time.monotonic() + connect_timeout
         listener = listen_socket

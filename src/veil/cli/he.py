@@ -1,0 +1,418 @@
+"""``veil he``: encrypted inference with CKKS, one untrusted server, the secret key with the client.
+
+File route (the client and the server exchange files)::
+
+    veil he train --out model.pt                                   # anyone: an HE-friendly network
+    veil he describe --model model.pt --out model.json             # server: the public architecture
+    veil he keygen --model-description model.json --out keys/      # client: client.key (secret), server.key
+    veil he encrypt --keys keys/client.key --data mnist --limit 100 --out x.veilct
+    veil he infer --keys keys/server.key --model model.pt --in x.veilct --out y.veilct   # server
+    veil he decrypt --keys keys/client.key --in y.veilct --labels mnist --limit 100       # client
+
+Network route: ``veil he serve`` and ``veil he client`` (mutual TLS with ``veil keygen``
+certificates); ``veil he demo`` runs both on this machine, the server as another user.
+``veil he bench`` measures both modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "he", help="encrypted inference with homomorphic encryption (CKKS): one untrusted server",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="he_command", metavar="STEP", required=True)
+
+    t = sub.add_parser("train", help="train an HE-friendly network (he_lenet: conv, square, fc, square, fc)")
+    _data_args(t, split="train")
+    t.add_argument("--out", required=True, type=Path, metavar="FILE", help="the model file to write")
+    t.add_argument("--epochs", type=int, default=8)
+    t.add_argument("--channels", type=int, default=8)
+    t.add_argument("--hidden", type=int, default=100)
+    t.add_argument("--activation", choices=["square", "poly"], default="square",
+                   help="square: x^2; poly: a x^2 + b x with trained a, b (default square)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_train)
+
+    d = sub.add_parser("describe", help="server: the model's public architecture (no weights), for the client")
+    _model_args(d)
+    d.add_argument("--out", required=True, type=Path, metavar="FILE.json")
+    d.set_defaults(func=_describe)
+
+    k = sub.add_parser("keygen", help="client: the secret key (client.key, 0600) and the server's keys (server.key)")
+    k.add_argument("--out", required=True, type=Path, metavar="DIR", help="writes DIR/client.key and DIR/server.key")
+    k.add_argument("--model-description", type=Path, metavar="FILE.json",
+                   help="from `veil he describe`: makes the rotation keys latency mode needs for this model "
+                        "(without it: keys for batched mode only)")
+    k.add_argument("--poly-modulus-degree", type=int, default=8192, help="ring dimension N (default 8192)")
+    k.add_argument("--coeff-mod-bits", default="38,28,28,28,28,28,38", metavar="B,B,...",
+                   help="prime sizes of the coefficient modulus (default 38,28,28,28,28,28,38: 5 levels)")
+    k.add_argument("--scale-bits", type=int, default=28, help="log2 of the CKKS scale (default 28)")
+    k.set_defaults(func=_keygen)
+
+    e = sub.add_parser("encrypt", help="client: encrypt images into a ciphertext file")
+    e.add_argument("--keys", required=True, type=Path, metavar="FILE", help="the client key file")
+    _data_args(e, split="test")
+    e.add_argument("--mode", choices=["batched", "latency"], default="batched",
+                   help="batched: up to N/2 images per ciphertext; latency: a few ciphertexts per image")
+    e.add_argument("--model-description", type=Path, metavar="FILE.json",
+                   help="the server's `veil he describe` (needed for latency mode; checks the input shape)")
+    e.add_argument("--out", required=True, type=Path, metavar="FILE")
+    e.set_defaults(func=_encrypt)
+
+    i = sub.add_parser("infer", help="server: run the model on a ciphertext file (no secret key involved)")
+    i.add_argument("--keys", required=True, type=Path, metavar="FILE", help="the server key file")
+    _model_args(i)
+    i.add_argument("--in", dest="inp", required=True, type=Path, metavar="FILE")
+    i.add_argument("--out", required=True, type=Path, metavar="FILE")
+    i.add_argument("--no-progress", action="store_true")
+    i.set_defaults(func=_infer)
+
+    c = sub.add_parser("decrypt", help="client: decrypt the server's reply into predictions")
+    c.add_argument("--keys", required=True, type=Path, metavar="FILE", help="the client key file")
+    c.add_argument("--in", dest="inp", required=True, type=Path, metavar="FILE")
+    c.add_argument("--out", type=Path, metavar="FILE.npy", help="save the predicted classes here")
+    c.add_argument("--logits", type=Path, metavar="FILE.npy", help="save the decrypted logits here")
+    c.add_argument("--labels", metavar="SOURCE", help="the images' source (as given to encrypt): prints the accuracy")
+    c.add_argument("--split", default="test", choices=["train", "test"])
+    c.add_argument("--limit", type=int, metavar="N")
+    c.add_argument("--mnist-path", metavar="PATH")
+    c.set_defaults(func=_decrypt)
+
+    s = sub.add_parser("serve", help="server: answer encrypted requests over mutual TLS")
+    _model_args(s)
+    s.add_argument("--listen", default="127.0.0.1:7100", metavar="HOST:PORT", help="(port 0: any free port)")
+    s.add_argument("--certs", required=True, type=Path, metavar="DIR", help="ca.pem, NAME.pem, NAME.key (veil keygen)")
+    s.add_argument("--name", default="server", help="the server's certificate name (default server)")
+    s.add_argument("--admit", metavar="A,B", help="only these client certificate names (default: any the CA signed)")
+    s.add_argument("--user", metavar="NAME",
+                   help="after reading the model and TLS files, run as this user (needs root), e.g. nobody")
+    s.add_argument("--unreadable", action="append", default=[], type=Path, metavar="FILE",
+                   help="refuse to serve if this process can read FILE (e.g. the client's key file); repeatable")
+    s.add_argument("--sessions", type=int, metavar="N", help="exit after N client sessions (default: serve forever)")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds a client may stay silent (default 600)")
+    s.set_defaults(func=_serve)
+
+    n = sub.add_parser("client", help="client: encrypt, send to a `veil he serve`, decrypt the answers")
+    n.add_argument("--connect", required=True, metavar="HOST:PORT")
+    n.add_argument("--certs", required=True, type=Path, metavar="DIR", help="ca.pem, NAME.pem, NAME.key")
+    n.add_argument("--name", default="client", help="this client's certificate name (default client)")
+    n.add_argument("--server-name", default="server", help="the name the server must prove (default server)")
+    n.add_argument("--keys", type=Path, metavar="DIR",
+                   help="client.key and server.key of `veil he keygen` (default: fresh keys for this session)")
+    _data_args(n, split="test")
+    n.add_argument("--mode", choices=["batched", "latency"], default="batched")
+    n.add_argument("--out", type=Path, metavar="FILE.npy", help="save the predicted classes here")
+    n.set_defaults(func=_client)
+
+    m = sub.add_parser("demo", help="a server (as another user, if root) and a client on this machine, over TLS")
+    m.add_argument("--model", type=Path, metavar="FILE",
+                   help="a `veil he train` model (default: he_lenet trained on MNIST, cached in .cache/he)")
+    m.add_argument("--data", default="mnist", metavar="SOURCE")
+    m.add_argument("--images", type=int, default=256, help="images in batched mode (default 256)")
+    m.add_argument("--latency-images", type=int, default=5, help="images in latency mode (default 5)")
+    m.add_argument("--server-user", default="nobody", help="the server's user when run as root (default nobody)")
+    m.add_argument("--workdir", type=Path, metavar="DIR", help="keep certificates and keys here (default: temporary)")
+    m.set_defaults(func=_demo)
+
+    b = sub.add_parser("bench", help="measure both modes in one process: JSON lines as benchmarks/he_inference.py")
+    b.add_argument("--model", type=Path, metavar="FILE", help="default: he_lenet trained on MNIST (cached)")
+    b.add_argument("--data", default="mnist", metavar="SOURCE")
+    b.add_argument("--mnist-path", metavar="PATH")
+    b.add_argument("--images", type=int, default=4096, help="images in batched mode (default 4096)")
+    b.add_argument("--latency-images", type=int, default=10, help="images in latency mode (default 10)")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=_bench)
+
+
+def _data_args(p: argparse.ArgumentParser, *, split: str) -> None:
+    p.add_argument("--data", default="mnist", metavar="SOURCE", help="mnist, digits or a .npz/.npy/.pt file")
+    p.add_argument("--split", default=split, choices=["train", "test"])
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N images")
+    p.add_argument("--mnist-path", metavar="PATH", help="mnist.npz or a directory of IDX files")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, metavar="FILE", help="a `veil he train` file or a state_dict")
+    p.add_argument("--arch", metavar="package.module:Class", help="the architecture of a plain state_dict")
+    p.add_argument("--input-shape", metavar="C,H,W", help="the input shape of a plain state_dict, e.g. 1,28,28")
+
+
+def _plan(args: argparse.Namespace) -> Any:
+    from veil.he.models import load_he_model, to_plan
+
+    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    model, input_shape, _ = load_he_model(args.model, architecture=args.arch, input_shape=shape)
+    return to_plan(model, input_shape)
+
+
+def _read_description(path: Path) -> Any:
+    from veil.he.models import HEError, skeleton
+
+    try:
+        return skeleton(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise HEError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise HEError(f"{path}: not a model description (JSON: {e})") from None
+
+
+def _print(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+# ---- steps ------------------------------------------------------------------------------------------
+def _train(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from veil.data.images import load_pixels
+    from veil.he.models import he_lenet, save_he_model, to_plan, train_he_model
+
+    x, y = load_pixels(args.data, args.split, args.limit, mnist_path=args.mnist_path)
+    if y is None:
+        raise ValueError(f"{args.data}: has no labels, which training needs")
+    if x.dim() != 4 or x.shape[1] != 1 or x.shape[2] != x.shape[3]:
+        raise ValueError(f"he_lenet takes square one-channel images (N, 1, S, S), got {tuple(x.shape)}")
+    side = int(x.shape[-1])
+    kernel, stride = (5, 2) if side >= 20 else (3, 1)
+    config = {"channels": args.channels, "hidden": args.hidden, "activation": args.activation, "side": side,
+              "classes": int(y.max()) + 1, "kernel": kernel, "stride": stride}
+    t = time.perf_counter()
+    model = train_he_model(he_lenet(**config), x, y, epochs=args.epochs, progress=not args.no_progress)
+    minutes = (time.perf_counter() - t) / 60
+    xt, yt = load_pixels(args.data, "test", mnist_path=args.mnist_path) if args.data in ("mnist", "digits") \
+        else (x, y)
+    with torch.no_grad():
+        accuracy = float((model(xt).argmax(1) == yt).float().mean())
+    what = "test_accuracy" if args.data in ("mnist", "digits") else "train_accuracy"
+    save_he_model(model, args.out, input_shape=tuple(x.shape[1:]), config=config,
+                  metrics={what: accuracy, "epochs": args.epochs})
+    _print({"model": str(args.out), what: round(accuracy, 4), "epochs": args.epochs, "minutes": round(minutes, 2),
+            "depth": to_plan(model, tuple(x.shape[1:])).depth})
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from veil.files import write_atomic
+    from veil.he.models import describe
+
+    description = describe(_plan(args))
+    write_atomic(args.out, json.dumps(description, indent=1).encode())
+    _print({"description": str(args.out), "input_shape": description["input_shape"], "depth": description["depth"],
+            "outputs": description["outputs"]})
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from veil.he.keys import HEParams, keygen, save_keys, server_key_bytes
+    from veil.he.latency import rotation_steps
+    from veil.he.models import HEError
+
+    try:
+        bits = tuple(int(b) for b in args.coeff_mod_bits.split(","))
+    except ValueError:
+        raise HEError(f"--coeff-mod-bits {args.coeff_mod_bits!r}: expected comma-separated integers") from None
+    params = HEParams(args.poly_modulus_degree, bits, args.scale_bits)
+    steps: list[int] = []
+    if args.model_description is not None:
+        plan = _read_description(args.model_description)
+        if plan.depth > params.depth:
+            raise HEError(f"the model needs {plan.depth} multiplicative levels, these parameters give {params.depth}: "
+                          "use more primes (and a larger N for the budget)")
+        steps = rotation_steps(plan, params.slots)
+    keys = keygen(params, steps)
+    client, server = save_keys(keys, args.out / "client.key", args.out / "server.key")
+    _print({"client_key": str(client), "server_key": str(server), "key_id": keys.key_id,
+            "security_bits": params.security_bits, "poly_modulus_degree": params.poly_modulus_degree,
+            "levels": params.depth, "rotation_steps": len(steps), "server_key_bytes": len(server_key_bytes(keys)),
+            "modes": ["batched", "latency"] if steps else ["batched"]})
+    return 0
+
+
+def _encrypt(args: argparse.Namespace) -> int:
+    import time
+
+    from veil.data.images import load_pixels
+    from veil.he import ciphertexts
+    from veil.he.keys import load_keys
+
+    keys = load_keys(args.keys)
+    plan = _read_description(args.model_description) if args.model_description else None
+    x, _ = load_pixels(args.data, args.split, args.limit, mnist_path=args.mnist_path)
+    t = time.perf_counter()
+    cset = ciphertexts.encrypt(keys, x, args.mode, plan)
+    path = ciphertexts.save(cset, args.out)
+    _print({"ciphertexts": str(path), "mode": args.mode, "images": cset.images, "bytes": path.stat().st_size,
+            "seconds": round(time.perf_counter() - t, 3)})
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm.auto import tqdm
+
+    from veil.he import ciphertexts
+    from veil.he.keys import load_server_keys
+
+    keys = load_server_keys(args.keys)
+    plan = _plan(args)
+    cset = ciphertexts.load(args.inp, keys)
+    t = time.perf_counter()
+    with tqdm(total=cset.images, desc="encrypted inference", unit="image", disable=args.no_progress) as bar:
+        out = ciphertexts.evaluate(keys, plan, cset, progress=bar.update)
+    seconds = time.perf_counter() - t
+    path = ciphertexts.save(out, args.out)
+    _print({"ciphertexts": str(path), "mode": out.mode, "images": out.images, "seconds": round(seconds, 3),
+            "seconds_per_image": round(seconds / out.images, 4), "bytes": path.stat().st_size})
+    return 0
+
+
+def _decrypt(args: argparse.Namespace) -> int:
+    from veil.he import ciphertexts
+    from veil.he.keys import load_keys
+
+    keys = load_keys(args.keys)
+    logits = ciphertexts.decrypt(keys, ciphertexts.load(args.inp, keys))
+    summary = _predictions(logits, args.out, args.labels, args.split, args.limit, args.mnist_path)
+    if args.logits is not None:
+        import numpy as np
+
+        from veil.files import atomic_writer
+
+        with atomic_writer(args.logits, mode=0o600) as f:
+            np.save(f, logits.numpy())
+    _print(summary)
+    return 0
+
+
+def _predictions(logits: Any, out: Path | None, labels: str | None, split: str, limit: int | None,
+                 mnist_path: str | None) -> dict[str, Any]:
+    """Save the predicted classes (0600: they are the client's secret) and compare with the labels."""
+    import numpy as np
+
+    from veil.data.images import load_pixels
+    from veil.files import atomic_writer
+
+    preds = logits.argmax(1)
+    summary: dict[str, Any] = {"images": len(preds)}
+    if out is not None:
+        with atomic_writer(out, mode=0o600) as f:
+            np.save(f, preds.numpy())
+        summary["predictions"] = str(out)
+    if labels is not None:
+        _, y = load_pixels(labels, split, limit, mnist_path=mnist_path)
+        if y is None:
+            raise ValueError(f"{labels}: has no labels")
+        if len(y) != len(preds):
+            raise ValueError(f"{labels}: {len(y)} labels for {len(preds)} predictions (give the same --split and "
+                             "--limit as to encrypt)")
+        summary["accuracy"] = round(float((preds == y).float().mean()), 4)
+    return summary
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from veil.he.service import HEServer, assert_unreadable, drop_privileges
+    from veil.net.peers import parse_address
+
+    plan = _plan(args)
+    admit = tuple(a.strip() for a in args.admit.split(",")) if args.admit else None
+    server = HEServer(plan, parse_address(args.listen, any_port=True), args.certs, name=args.name, admit=admit,
+                      timeout=args.timeout)
+    try:
+        if args.user:
+            drop_privileges(args.user)
+        assert_unreadable(args.unreadable)
+    except BaseException:
+        server.close()
+        raise
+    host, port = server.address
+    _print({"listening": f"{host}:{port}", "uid": os.getuid(), "depth": plan.depth,
+            "unreadable": [str(p) for p in args.unreadable]})
+    stats = server.serve(args.sessions)
+    _print({"sessions": stats.sessions, "requests": stats.requests, "images": stats.images,
+            "refused": stats.refused})
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    import time
+
+    from veil.data.images import load_pixels
+    from veil.he import ciphertexts
+    from veil.he.keys import HEParams, keygen, load_keys
+    from veil.he.latency import rotation_steps
+    from veil.he.models import HEError
+    from veil.he.service import HEClient
+    from veil.net.peers import parse_address
+
+    x, _ = load_pixels(args.data, args.split, args.limit, mnist_path=args.mnist_path)
+    t = time.perf_counter()
+    with HEClient(parse_address(args.connect), args.certs, args.name, server_name=args.server_name) as client:
+        if args.keys is None:
+            params = HEParams()
+            keys = keygen(params, rotation_steps(client.plan, params.slots) if args.mode == "latency" else ())
+        else:
+            keys, public = load_keys(args.keys / "client.key"), load_keys(args.keys / "server.key")
+            if public.key_id != keys.key_id:
+                raise HEError(f"{args.keys}: client.key and server.key are of different key pairs")
+            keys.relin, keys.galois, keys.galois_steps = public.relin, public.galois, public.galois_steps
+        client.open(keys)
+        logits = ciphertexts.decrypt(keys, client.infer(ciphertexts.encrypt(keys, x, args.mode, client.plan)))
+        sent, received = client.bytes_sent, client.bytes_received
+    seconds = time.perf_counter() - t
+    labels = args.data if args.data in ("mnist", "digits") or _has_labels(args.data, args.split) else None
+    summary = _predictions(logits, args.out, labels, args.split, args.limit, args.mnist_path)
+    _print({"mode": args.mode, **summary, "seconds": round(seconds, 3),
+            "seconds_per_image": round(seconds / len(x), 4), "bytes_sent": sent, "bytes_received": received,
+            "key_id": keys.key_id})
+    return 0
+
+
+def _has_labels(source: str, split: str) -> bool:
+    from veil.data.images import load_pixels
+
+    return load_pixels(source, split, 1)[1] is not None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from veil.he.demo import run_demo
+
+    for line in run_demo(model=args.model, data=args.data, images=args.images, latency_images=args.latency_images,
+                         server_user=args.server_user, workdir=args.workdir):
+        _print(line)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from veil.data.images import load_pixels
+    from veil.he.bench import default_model, measure
+    from veil.he.keys import HEParams, keygen
+    from veil.he.latency import rotation_steps
+    from veil.he.models import load_he_model, to_plan
+
+    if args.model is None:
+        model, _ = default_model(Path(".cache/he"), progress=not args.no_progress)
+        shape: tuple[int, ...] = (1, 28, 28)
+    else:
+        model, shape, _ = load_he_model(args.model)
+    plan = to_plan(model, shape)
+    x, y = load_pixels(args.data, "test", mnist_path=args.mnist_path)
+    if y is None:
+        raise ValueError(f"{args.data}: has no labels, which the accuracy needs")
+    params = HEParams()
+    keys = keygen(params, rotation_steps(plan, params.slots))
+    for mode, n in (("batched", args.images), ("latency", args.latency_images)):
+        if n:
+            n = min(n, len(x))
+            _print(measure(keys, plan, model, x[:n], y[:n], mode, progress=not args.no_progress))
+    return 0
+
