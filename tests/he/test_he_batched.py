@@ -131,3 +131,18 @@ def test_nan_inputs_and_oversized_batches_are_refused(key_files):
         encrypt_batch(client, torch.full((2, 4), float("nan")))
     with pytest.raises(HEError, match=r"a batch holds 1\.\.4096 images"):
         encrypt_batch(client, torch.zeros(4097, 1))
+
+
+def test_ciphertexts_with_other_parameters_in_their_header_are_refused(key_files, tmp_path):
+    from veil.he.keys import pack_container, unpack_container
+
+    client = load_keys(key_files / "client.key")
+    data = ciphertexts.pack(ciphertexts.encrypt(client, torch.rand(3, 4), "batched"))
+    header, blobs = unpack_container(data, "ciphertexts", "test")
+    header["params"] = {**header["params"], "coeff_mod_bit_sizes": [38, 27, 27, 27, 27, 27, 38], "scale_bits": 27}
+    del header["blobs"]
+    with pytest.raises(HEError, match="encrypted with other parameters"):
+        ciphertexts.unpack(pack_container(header, blobs), client, "x.ct")
+    header["params"] = {"poly_modulus_degree": "big"}
+    with pytest.raises(HEError, match="malformed parameters"):
+        ciphertexts.unpack(pack_container(header, blobs), client, "x.ct")

@@ -51,3 +51,20 @@ def test_the_layout_of_a_convolution_reads_each_window_and_zeros_in_the_padding(
     assert layout.ciphertexts == 1
     with pytest.raises(HEError, match="reads 64 input values, the image has 10"):
         encrypt_image(keygen(HEParams()), layout, torch.rand(10))
+
+
+def test_average_pooling_runs_encrypted_in_both_modes():
+    from veil.he import ciphertexts
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), Square(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(32, 10))
+    plan = to_plan(model.eval(), (1, 8, 8))
+    assert plan.depth == 3  # conv, square, pool + flatten + linear folded into one affine layer
+    params = HEParams()
+    keys = keygen(params, rotation_steps(plan, params.slots))
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        want = model.double()(x.double())
+    for mode in ("batched", "latency"):
+        got = ciphertexts.decrypt(keys, ciphertexts.evaluate(keys, plan, ciphertexts.encrypt(keys, x, mode, plan)))
+        assert float((got - want).abs().max()) < 1e-2, mode  # the bound of the test above

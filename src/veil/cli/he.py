@@ -115,7 +115,7 @@ def register(subparsers: Any) -> None:
     m.add_argument("--model", type=Path, metavar="FILE",
                    help="a `veil he train` model (default: he_lenet trained on MNIST, cached in .cache/he)")
     m.add_argument("--data", default="mnist", metavar="SOURCE")
-    m.add_argument("--images", type=int, default=256, help="images in batched mode (default 256)")
+    m.add_argument("--images", type=int, default=4096, help="images in batched mode (default 4096: one full batch)")
     m.add_argument("--latency-images", type=int, default=5, help="images in latency mode (default 5)")
     m.add_argument("--server-user", default="nobody", help="the server's user when run as root (default nobody)")
     m.add_argument("--workdir", type=Path, metavar="DIR", help="keep certificates and keys here (default: temporary)")

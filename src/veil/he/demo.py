@@ -25,7 +25,7 @@ from typing import Any
 from veil.he.models import HEError
 
 
-def run_demo(*, model: str | Path | None = None, data: str = "mnist", images: int = 256, latency_images: int = 5,
+def run_demo(*, model: str | Path | None = None, data: str = "mnist", images: int = 4096, latency_images: int = 5,
              server_user: str = "nobody", workdir: str | Path | None = None, timeout: float = 600.0
              ) -> Iterator[dict[str, Any]]:
     """Yields one dict per mode (the client's figures) and one about the server's confinement."""
