@@ -1,6 +1,9 @@
 """veil.he.service: encrypted inference over mutual TLS, a server that never gets a secret key."""
 
+import json
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -10,7 +13,7 @@ from veil.data.images import load_pixels
 from veil.he import ciphertexts
 from veil.he.keys import HEParams, keygen, pack_container, server_key_bytes
 from veil.he.latency import rotation_steps
-from veil.he.models import HEError, he_lenet, run_plan, to_plan, train_he_model
+from veil.he.models import HEError, he_lenet, run_plan, save_he_model, to_plan, train_he_model
 from veil.he.service import HEClient, HEServer, HEServiceError, assert_unreadable, drop_privileges
 from veil.net.certs import generate_certificates
 
@@ -101,3 +104,27 @@ def test_a_server_process_that_can_read_the_client_files_refuses_to_serve(tmp_pa
     if os.geteuid() != 0:
         with pytest.raises(HEError, match="needs root"):
             drop_privileges("nobody")
+
+
+def test_a_server_that_dies_mid_session_ends_the_client_with_a_message(pki, plan, tmp_path):
+    """The server process is killed after the key upload: the client's request fails at once, naming it."""
+    torch.manual_seed(0)
+    model = he_lenet(2, 16, side=8, kernel=3, stride=1).eval()
+    save_he_model(model, tmp_path / "m.pt", input_shape=(1, 8, 8), config={"channels": 2, "hidden": 16, "side": 8,
+                                                                           "kernel": 3, "stride": 1})
+    server = subprocess.Popen([sys.executable, "-m", "veil.cli.main", "he", "serve", "--model", str(tmp_path / "m.pt"),
+                               "--listen", "127.0.0.1:0", "--certs", str(pki / "ours")],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        host, _, port = json.loads(server.stdout.readline())["listening"].rpartition(":")
+        x, _ = load_pixels("digits", "test", 2)
+        with HEClient((host, int(port)), pki / "ours", "client", timeout=30) as client:
+            keys = keygen(HEParams())
+            client.open(keys)
+            server.kill()
+            server.wait()
+            with pytest.raises(HEServiceError, match=r"closed the connection|broke the connection"):
+                client.infer(ciphertexts.encrypt(keys, x, "batched"))
+    finally:
+        if server.poll() is None:
+            server.kill()

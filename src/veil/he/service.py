@@ -197,9 +197,9 @@ class HEServer:
                     send_message(tls, _control("he-error", message=str(e)))
                     self.log(f"veil he serve: {who}: refused a request: {e}")
                     continue
-                send_message(tls, reply)
-                self.stats.requests += 1
+                self.stats.requests += 1  # before the reply: a client that has it may read the stats
                 self.stats.images += cset.images
+                send_message(tls, reply)
                 self.log(json.dumps({"client": who, "mode": cset.mode, "images": cset.images,
                                      "server_seconds": round(time.perf_counter() - t, 3)}))
 
