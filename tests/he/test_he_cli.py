@@ -123,3 +123,35 @@ def test_a_server_that_could_read_the_client_key_refuses_to_start(small_model, t
     finally:
         shutil.rmtree(shared)
     assert done.returncode == 1 and "can read" in done.stderr and "must stay with the client" in done.stderr
+
+
+def test_the_network_client_gets_the_plaintext_models_predictions(small_model, tmp_path, capsys):
+    import threading
+
+    import numpy as np
+
+    from veil.he.models import to_plan
+    from veil.he.service import HEServer
+    from veil.net.certs import generate_certificates
+
+    generate_certificates(["server", "client"], tmp_path / "pki")
+    model, shape, _ = load_he_model(small_model)
+    server = HEServer(to_plan(model, shape), ("127.0.0.1", 0), tmp_path / "pki", timeout=30, log=lambda msg: None)
+    threading.Thread(target=server.serve, args=(2,), daemon=True).start()
+    address = f"127.0.0.1:{server.address[1]}"
+    x, _ = load_pixels("digits", "test", 20)
+    with torch.no_grad():
+        plain = model(x).argmax(1)
+    code, (line,), err = _run(capsys, "client", "--connect", address, "--certs", tmp_path / "pki", "--data", "digits",
+                              "--limit", 20, "--out", tmp_path / "p.npy")  # fresh keys for the session
+    assert code == 0, err
+    assert line["images"] == 20 and torch.equal(torch.from_numpy(np.load(tmp_path / "p.npy")), plain)
+    assert line["accuracy"] == round(float((plain == load_pixels("digits", "test", 20)[1]).float().mean()), 4)
+    assert _run(capsys, "describe", "--model", small_model, "--out", tmp_path / "m.json")[0] == 0
+    assert _run(capsys, "keygen", "--model-description", tmp_path / "m.json", "--out", tmp_path / "keys")[0] == 0
+    code, (line,), err = _run(capsys, "client", "--connect", address, "--certs", tmp_path / "pki", "--keys",
+                              tmp_path / "keys", "--data", "digits", "--limit", 2, "--mode", "latency")
+    assert code == 0 and line["mode"] == "latency" and line["images"] == 2, err
+    from veil.he.keys import load_keys
+
+    assert line["key_id"] == load_keys(tmp_path / "keys" / "client.key").key_id  # the keys given, not fresh ones

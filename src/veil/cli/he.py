@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 
 def register(subparsers: Any) -> None:
+    from veil.cli import he_network  # it imports this module's helpers: import it once this one is loaded
+
     p = subparsers.add_parser(
         "he", help="encrypted inference with homomorphic encryption (CKKS): one untrusted server",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="he_command", metavar="STEP", required=True)
 
     t = sub.add_parser("train", help="train an HE-friendly network (he_lenet: conv, square, fc, square, fc)")
-    _data_args(t, split="train")
+    data_args(t, split="train")
     t.add_argument("--out", required=True, type=Path, metavar="FILE", help="the model file to write")
     t.add_argument("--epochs", type=int, default=8)
     t.add_argument("--channels", type=int, default=8)
@@ -41,7 +42,7 @@ def register(subparsers: Any) -> None:
     t.set_defaults(func=_train)
 
     d = sub.add_parser("describe", help="server: the model's public architecture (no weights), for the client")
-    _model_args(d)
+    model_args(d)
     d.add_argument("--out", required=True, type=Path, metavar="FILE.json")
     d.set_defaults(func=_describe)
 
@@ -58,7 +59,7 @@ def register(subparsers: Any) -> None:
 
     e = sub.add_parser("encrypt", help="client: encrypt images into a ciphertext file")
     e.add_argument("--keys", required=True, type=Path, metavar="FILE", help="the client key file")
-    _data_args(e, split="test")
+    data_args(e, split="test")
     e.add_argument("--mode", choices=["batched", "latency"], default="batched",
                    help="batched: up to N/2 images per ciphertext; latency: a few ciphertexts per image")
     e.add_argument("--model-description", type=Path, metavar="FILE.json",
@@ -68,7 +69,7 @@ def register(subparsers: Any) -> None:
 
     i = sub.add_parser("infer", help="server: run the model on a ciphertext file (no secret key involved)")
     i.add_argument("--keys", required=True, type=Path, metavar="FILE", help="the server key file")
-    _model_args(i)
+    model_args(i)
     i.add_argument("--in", dest="inp", required=True, type=Path, metavar="FILE")
     i.add_argument("--out", required=True, type=Path, metavar="FILE")
     i.add_argument("--no-progress", action="store_true")
@@ -85,66 +86,23 @@ def register(subparsers: Any) -> None:
     c.add_argument("--mnist-path", metavar="PATH")
     c.set_defaults(func=_decrypt)
 
-    s = sub.add_parser("serve", help="server: answer encrypted requests over mutual TLS")
-    _model_args(s)
-    s.add_argument("--listen", default="127.0.0.1:7100", metavar="HOST:PORT", help="(port 0: any free port)")
-    s.add_argument("--certs", required=True, type=Path, metavar="DIR", help="ca.pem, NAME.pem, NAME.key (veil keygen)")
-    s.add_argument("--name", default="server", help="the server's certificate name (default server)")
-    s.add_argument("--admit", metavar="A,B", help="only these client certificate names (default: any the CA signed)")
-    s.add_argument("--user", metavar="NAME",
-                   help="after reading the model and TLS files, run as this user (needs root), e.g. nobody")
-    s.add_argument("--unreadable", action="append", default=[], type=Path, metavar="FILE",
-                   help="refuse to serve if this process can read FILE (e.g. the client's key file); repeatable")
-    s.add_argument("--sessions", type=int, metavar="N", help="exit after N client sessions (default: serve forever)")
-    s.add_argument("--timeout", type=float, default=600.0, help="seconds a client may stay silent (default 600)")
-    s.set_defaults(func=_serve)
-
-    n = sub.add_parser("client", help="client: encrypt, send to a `veil he serve`, decrypt the answers")
-    n.add_argument("--connect", required=True, metavar="HOST:PORT")
-    n.add_argument("--certs", required=True, type=Path, metavar="DIR", help="ca.pem, NAME.pem, NAME.key")
-    n.add_argument("--name", default="client", help="this client's certificate name (default client)")
-    n.add_argument("--server-name", default="server", help="the name the server must prove (default server)")
-    n.add_argument("--keys", type=Path, metavar="DIR",
-                   help="client.key and server.key of `veil he keygen` (default: fresh keys for this session)")
-    _data_args(n, split="test")
-    n.add_argument("--mode", choices=["batched", "latency"], default="batched")
-    n.add_argument("--out", type=Path, metavar="FILE.npy", help="save the predicted classes here")
-    n.set_defaults(func=_client)
-
-    m = sub.add_parser("demo", help="a server (as another user, if root) and a client on this machine, over TLS")
-    m.add_argument("--model", type=Path, metavar="FILE",
-                   help="a `veil he train` model (default: he_lenet trained on MNIST, cached in .cache/he)")
-    m.add_argument("--data", default="mnist", metavar="SOURCE")
-    m.add_argument("--images", type=int, default=4096, help="images in batched mode (default 4096: one full batch)")
-    m.add_argument("--latency-images", type=int, default=5, help="images in latency mode (default 5)")
-    m.add_argument("--server-user", default="nobody", help="the server's user when run as root (default nobody)")
-    m.add_argument("--workdir", type=Path, metavar="DIR", help="keep certificates and keys here (default: temporary)")
-    m.set_defaults(func=_demo)
-
-    b = sub.add_parser("bench", help="measure both modes in one process: JSON lines as benchmarks/he_inference.py")
-    b.add_argument("--model", type=Path, metavar="FILE", help="default: he_lenet trained on MNIST (cached)")
-    b.add_argument("--data", default="mnist", metavar="SOURCE")
-    b.add_argument("--mnist-path", metavar="PATH")
-    b.add_argument("--images", type=int, default=4096, help="images in batched mode (default 4096)")
-    b.add_argument("--latency-images", type=int, default=10, help="images in latency mode (default 10)")
-    b.add_argument("--no-progress", action="store_true")
-    b.set_defaults(func=_bench)
+    he_network.add_parsers(sub)
 
 
-def _data_args(p: argparse.ArgumentParser, *, split: str) -> None:
+def data_args(p: argparse.ArgumentParser, *, split: str) -> None:
     p.add_argument("--data", default="mnist", metavar="SOURCE", help="mnist, digits or a .npz/.npy/.pt file")
     p.add_argument("--split", default=split, choices=["train", "test"])
     p.add_argument("--limit", type=int, metavar="N", help="only the first N images")
     p.add_argument("--mnist-path", metavar="PATH", help="mnist.npz or a directory of IDX files")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path, metavar="FILE", help="a `veil he train` file or a state_dict")
     p.add_argument("--arch", metavar="package.module:Class", help="the architecture of a plain state_dict")
     p.add_argument("--input-shape", metavar="C,H,W", help="the input shape of a plain state_dict, e.g. 1,28,28")
 
 
-def _plan(args: argparse.Namespace) -> Any:
+def model_plan(args: argparse.Namespace) -> Any:
     from veil.he.models import load_he_model, to_plan
 
     shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
@@ -163,7 +121,7 @@ def _read_description(path: Path) -> Any:
         raise HEError(f"{path}: not a model description (JSON: {e})") from None
 
 
-def _print(obj: dict[str, Any]) -> None:
+def emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj), flush=True)
 
 
@@ -195,7 +153,7 @@ def _train(args: argparse.Namespace) -> int:
     what = "test_accuracy" if args.data in ("mnist", "digits") else "train_accuracy"
     save_he_model(model, args.out, input_shape=tuple(x.shape[1:]), config=config,
                   metrics={what: accuracy, "epochs": args.epochs})
-    _print({"model": str(args.out), what: round(accuracy, 4), "epochs": args.epochs, "minutes": round(minutes, 2),
+    emit({"model": str(args.out), what: round(accuracy, 4), "epochs": args.epochs, "minutes": round(minutes, 2),
             "depth": to_plan(model, tuple(x.shape[1:])).depth})
     return 0
 
@@ -204,9 +162,9 @@ def _describe(args: argparse.Namespace) -> int:
     from veil.files import write_atomic
     from veil.he.models import describe
 
-    description = describe(_plan(args))
+    description = describe(model_plan(args))
     write_atomic(args.out, json.dumps(description, indent=1).encode())
-    _print({"description": str(args.out), "input_shape": description["input_shape"], "depth": description["depth"],
+    emit({"description": str(args.out), "input_shape": description["input_shape"], "depth": description["depth"],
             "outputs": description["outputs"]})
     return 0
 
@@ -230,7 +188,7 @@ def _keygen(args: argparse.Namespace) -> int:
         steps = rotation_steps(plan, params.slots)
     keys = keygen(params, steps)
     client, server = save_keys(keys, args.out / "client.key", args.out / "server.key")
-    _print({"client_key": str(client), "server_key": str(server), "key_id": keys.key_id,
+    emit({"client_key": str(client), "server_key": str(server), "key_id": keys.key_id,
             "security_bits": params.security_bits, "poly_modulus_degree": params.poly_modulus_degree,
             "levels": params.depth, "rotation_steps": len(steps), "server_key_bytes": len(server_key_bytes(keys)),
             "modes": ["batched", "latency"] if steps else ["batched"]})
@@ -250,7 +208,7 @@ def _encrypt(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     cset = ciphertexts.encrypt(keys, x, args.mode, plan)
     path = ciphertexts.save(cset, args.out)
-    _print({"ciphertexts": str(path), "mode": args.mode, "images": cset.images, "bytes": path.stat().st_size,
+    emit({"ciphertexts": str(path), "mode": args.mode, "images": cset.images, "bytes": path.stat().st_size,
             "seconds": round(time.perf_counter() - t, 3)})
     return 0
 
@@ -264,14 +222,14 @@ def _infer(args: argparse.Namespace) -> int:
     from veil.he.keys import load_server_keys
 
     keys = load_server_keys(args.keys)
-    plan = _plan(args)
+    plan = model_plan(args)
     cset = ciphertexts.load(args.inp, keys)
     t = time.perf_counter()
     with tqdm(total=cset.images, desc="encrypted inference", unit="image", disable=args.no_progress) as bar:
         out = ciphertexts.evaluate(keys, plan, cset, progress=bar.update)
     seconds = time.perf_counter() - t
     path = ciphertexts.save(out, args.out)
-    _print({"ciphertexts": str(path), "mode": out.mode, "images": out.images, "seconds": round(seconds, 3),
+    emit({"ciphertexts": str(path), "mode": out.mode, "images": out.images, "seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / out.images, 4), "bytes": path.stat().st_size})
     return 0
 
@@ -282,7 +240,7 @@ def _decrypt(args: argparse.Namespace) -> int:
 
     keys = load_keys(args.keys)
     logits = ciphertexts.decrypt(keys, ciphertexts.load(args.inp, keys))
-    summary = _predictions(logits, args.out, args.labels, args.split, args.limit, args.mnist_path)
+    summary = predictions(logits, args.out, args.labels, args.split, args.limit, args.mnist_path)
     if args.logits is not None:
         import numpy as np
 
@@ -290,11 +248,11 @@ def _decrypt(args: argparse.Namespace) -> int:
 
         with atomic_writer(args.logits, mode=0o600) as f:
             np.save(f, logits.numpy())
-    _print(summary)
+    emit(summary)
     return 0
 
 
-def _predictions(logits: Any, out: Path | None, labels: str | None, split: str, limit: int | None,
+def predictions(logits: Any, out: Path | None, labels: str | None, split: str, limit: int | None,
                  mnist_path: str | None) -> dict[str, Any]:
     """Save the predicted classes (0600: they are the client's secret) and compare with the labels."""
     import numpy as np
@@ -317,102 +275,3 @@ def _predictions(logits: Any, out: Path | None, labels: str | None, split: str, 
                              "--limit as to encrypt)")
         summary["accuracy"] = round(float((preds == y).float().mean()), 4)
     return summary
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from veil.he.service import HEServer, assert_unreadable, drop_privileges
-    from veil.net.peers import parse_address
-
-    plan = _plan(args)
-    admit = tuple(a.strip() for a in args.admit.split(",")) if args.admit else None
-    server = HEServer(plan, parse_address(args.listen, any_port=True), args.certs, name=args.name, admit=admit,
-                      timeout=args.timeout)
-    try:
-        if args.user:
-            drop_privileges(args.user)
-        assert_unreadable(args.unreadable)
-    except BaseException:
-        server.close()
-        raise
-    host, port = server.address
-    _print({"listening": f"{host}:{port}", "uid": os.getuid(), "depth": plan.depth,
-            "unreadable": [str(p) for p in args.unreadable]})
-    stats = server.serve(args.sessions)
-    _print({"sessions": stats.sessions, "requests": stats.requests, "images": stats.images,
-            "refused": stats.refused})
-    return 0
-
-
-def _client(args: argparse.Namespace) -> int:
-    import time
-
-    from veil.data.images import load_pixels
-    from veil.he import ciphertexts
-    from veil.he.keys import HEParams, keygen, load_keys
-    from veil.he.latency import rotation_steps
-    from veil.he.models import HEError
-    from veil.he.service import HEClient
-    from veil.net.peers import parse_address
-
-    x, _ = load_pixels(args.data, args.split, args.limit, mnist_path=args.mnist_path)
-    t = time.perf_counter()
-    with HEClient(parse_address(args.connect), args.certs, args.name, server_name=args.server_name) as client:
-        if args.keys is None:
-            params = HEParams()
-            keys = keygen(params, rotation_steps(client.plan, params.slots) if args.mode == "latency" else ())
-        else:
-            keys, public = load_keys(args.keys / "client.key"), load_keys(args.keys / "server.key")
-            if public.key_id != keys.key_id:
-                raise HEError(f"{args.keys}: client.key and server.key are of different key pairs")
-            keys.relin, keys.galois, keys.galois_steps = public.relin, public.galois, public.galois_steps
-        client.open(keys)
-        logits = ciphertexts.decrypt(keys, client.infer(ciphertexts.encrypt(keys, x, args.mode, client.plan)))
-        sent, received = client.bytes_sent, client.bytes_received
-    seconds = time.perf_counter() - t
-    labels = args.data if args.data in ("mnist", "digits") or _has_labels(args.data, args.split) else None
-    summary = _predictions(logits, args.out, labels, args.split, args.limit, args.mnist_path)
-    _print({"mode": args.mode, **summary, "seconds": round(seconds, 3),
-            "seconds_per_image": round(seconds / len(x), 4), "bytes_sent": sent, "bytes_received": received,
-            "key_id": keys.key_id})
-    return 0
-
-
-def _has_labels(source: str, split: str) -> bool:
-    from veil.data.images import load_pixels
-
-    return load_pixels(source, split, 1)[1] is not None
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from veil.he.demo import run_demo
-
-    for line in run_demo(model=args.model, data=args.data, images=args.images, latency_images=args.latency_images,
-                         server_user=args.server_user, workdir=args.workdir):
-        _print(line)
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from veil.data.images import load_pixels
-    from veil.he.bench import default_model, measure
-    from veil.he.keys import HEParams, keygen
-    from veil.he.latency import rotation_steps
-    from veil.he.models import load_he_model, to_plan
-
-    if args.model is None:
-        model, _ = default_model(Path(".cache/he"), progress=not args.no_progress)
-        shape: tuple[int, ...] = (1, 28, 28)
-    else:
-        model, shape, _ = load_he_model(args.model)
-    plan = to_plan(model, shape)
-    x, y = load_pixels(args.data, "test", mnist_path=args.mnist_path)
-    if y is None:
-        raise ValueError(f"{args.data}: has no labels, which the accuracy needs")
-    params = HEParams()
-    keys = keygen(params, rotation_steps(plan, params.slots))
-    for mode, n in (("batched", args.images), ("latency", args.latency_images)):
-        if n:
-            n = min(n, len(x))
-            _print(measure(keys, plan, model, x[:n], y[:n], mode, progress=not args.no_progress))
-    return 0
-
