@@ -240,7 +240,17 @@ def _decrypt(args: argparse.Namespace) -> int:
 
     keys = load_keys(args.keys)
     logits = ciphertexts.decrypt(keys, ciphertexts.load(args.inp, keys))
-    summary = predictions(logits, args.out, args.labels, args.split, args.limit, args.mnist_path)
+    labels = None
+    if args.labels is not None:
+        from veil.data.images import load_pixels
+
+        _, labels = load_pixels(args.labels, args.split, args.limit, mnist_path=args.mnist_path)
+        if labels is None:
+            raise ValueError(f"{args.labels}: has no labels")
+        if len(labels) != len(logits):
+            raise ValueError(f"{args.labels}: {len(labels)} labels for {len(logits)} predictions (give the same "
+                             "--split and --limit as to encrypt)")
+    summary = predictions(logits, args.out, labels)
     if args.logits is not None:
         import numpy as np
 
@@ -252,12 +262,10 @@ def _decrypt(args: argparse.Namespace) -> int:
     return 0
 
 
-def predictions(logits: Any, out: Path | None, labels: str | None, split: str, limit: int | None,
-                 mnist_path: str | None) -> dict[str, Any]:
-    """Save the predicted classes (0600: they are the client's secret) and compare with the labels."""
+def predictions(logits: Any, out: Path | None, labels: Any | None) -> dict[str, Any]:
+    """Save the predicted classes (0600: they are the client's secret); the accuracy if ``labels``."""
     import numpy as np
 
-    from veil.data.images import load_pixels
     from veil.files import atomic_writer
 
     preds = logits.argmax(1)
@@ -267,11 +275,5 @@ def predictions(logits: Any, out: Path | None, labels: str | None, split: str, l
             np.save(f, preds.numpy())
         summary["predictions"] = str(out)
     if labels is not None:
-        _, y = load_pixels(labels, split, limit, mnist_path=mnist_path)
-        if y is None:
-            raise ValueError(f"{labels}: has no labels")
-        if len(y) != len(preds):
-            raise ValueError(f"{labels}: {len(y)} labels for {len(preds)} predictions (give the same --split and "
-                             "--limit as to encrypt)")
-        summary["accuracy"] = round(float((preds == y).float().mean()), 4)
+        summary["accuracy"] = round(float((preds == labels).float().mean()), 4)
     return summary

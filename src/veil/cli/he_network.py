@@ -92,7 +92,7 @@ def _client(args: argparse.Namespace) -> int:
     from veil.he.service import HEClient
     from veil.net.peers import parse_address
 
-    x, _ = load_pixels(args.data, args.split, args.limit, mnist_path=args.mnist_path)
+    x, y = load_pixels(args.data, args.split, args.limit, mnist_path=args.mnist_path)
     t = time.perf_counter()
     with HEClient(parse_address(args.connect), args.certs, args.name, server_name=args.server_name) as client:
         if args.keys is None:
@@ -107,18 +107,11 @@ def _client(args: argparse.Namespace) -> int:
         logits = ciphertexts.decrypt(keys, client.infer(ciphertexts.encrypt(keys, x, args.mode, client.plan)))
         sent, received = client.bytes_sent, client.bytes_received
     seconds = time.perf_counter() - t
-    labels = args.data if args.data in ("mnist", "digits") or _has_labels(args.data, args.split) else None
-    summary = predictions(logits, args.out, labels, args.split, args.limit, args.mnist_path)
+    summary = predictions(logits, args.out, y)
     emit({"mode": args.mode, **summary, "seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / len(x), 4), "bytes_sent": sent, "bytes_received": received,
             "key_id": keys.key_id})
     return 0
-
-
-def _has_labels(source: str, split: str) -> bool:
-    from veil.data.images import load_pixels
-
-    return load_pixels(source, split, 1)[1] is not None
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ and folds ``a`` into the next affine layer's weights.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,29 @@ import torch
 
 from veil.he.keys import Keys
 from veil.he.models import Activation, Affine, HEError, Plan
+
+
+def exact_scale(keys: Keys, ct: Any) -> float:
+    """The scale to encode plaintext factors of ``ct`` at, so that the product, rescaled by its level's
+    prime ``q``, has the scale ``2^scale_bits`` exactly: ``2^scale_bits * q / scale(ct)``."""
+    data = keys.context.get_context_data(ct.parms_id())
+    return 2.0 ** keys.params.scale_bits * float(data.parms().coeff_modulus()[-1].value()) / ct.scale
+
+
+def sum_of_products(evaluator: Any, terms: Iterable[tuple[Any, Any]]) -> Any | None:
+    """``sum ct * pt`` over ``terms`` (ciphertext, plaintext) pairs, not rescaled; None if there are none.
+    ``terms`` may be a generator that reuses one plaintext: each is used before the next is drawn."""
+    import tenseal.sealapi as seal
+
+    acc = None
+    for ct, pt in terms:
+        term = seal.Ciphertext()
+        evaluator.multiply_plain(ct, pt, term)
+        if acc is None:
+            acc = term
+        else:
+            evaluator.add_inplace(acc, term)
+    return acc
 
 
 @dataclass
@@ -104,28 +128,20 @@ class BatchedEvaluator:
                 h, fold = self._activation(h, step)
         return Encrypted(h, enc.count, enc.key_id)
 
-    def _prime(self, ct: Any) -> float:
-        data = self.keys.context.get_context_data(ct.parms_id())
-        moduli = data.parms().coeff_modulus()
-        return float(moduli[-1].value())
-
     def _affine(self, h: list[Any], weight: torch.Tensor, bias: torch.Tensor) -> list[Any]:
         seal, ev, enc = self.seal, self.evaluator, self.encoder
-        parms, scale_in = h[0].parms_id(), h[0].scale
-        delta = self.target * self._prime(h[0]) / scale_in  # so that the rescaled output has scale 2^s exactly
+        parms, delta = h[0].parms_id(), exact_scale(self.keys, h[0])
         w = weight.numpy()
         out = []
         pt = seal.Plaintext()
-        for row, b in zip(w, bias.tolist(), strict=True):
-            acc = None
+
+        def terms(row: np.ndarray) -> Iterator[tuple[Any, Any]]:
             for i in np.flatnonzero(row):
                 enc.encode(float(row[i]), parms, delta, pt)
-                term = seal.Ciphertext()
-                ev.multiply_plain(h[i], pt, term)
-                if acc is None:
-                    acc = term
-                else:
-                    ev.add_inplace(acc, term)
+                yield h[i], pt
+
+        for row, b in zip(w, bias.tolist(), strict=True):
+            acc = sum_of_products(ev, terms(row))
             if acc is None:  # an all-zero row: the bias alone
                 raise HEError("an output with all-zero weights (prune it from the model)")
             ev.rescale_to_next_inplace(acc)

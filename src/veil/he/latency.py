@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from veil.he.batched import exact_scale, sum_of_products
 from veil.he.keys import Keys
 from veil.he.models import Activation, Affine, HEError, Plan
 
@@ -207,23 +208,11 @@ class LatencyEvaluator:
         self.encoder.encode(values.tolist(), ct.parms_id(), scale, pt)
         return pt
 
-    def _delta(self, ct: Any) -> float:
-        data = self.keys.context.get_context_data(ct.parms_id())
-        return self.target * float(data.parms().coeff_modulus()[-1].value()) / ct.scale
-
     def _sum_products(self, cts: list[Any], weights: list[np.ndarray]) -> Any:
         """``sum_k cts[k] * weights[k]``, rescaled once to the scale 2^s."""
-        delta = self._delta(cts[0])
-        acc = None
-        for ct, w in zip(cts, weights, strict=True):
-            if not w.any():
-                continue
-            term = self.seal.Ciphertext()
-            self.ev.multiply_plain(ct, self._encode(w, ct, delta), term)
-            if acc is None:
-                acc = term
-            else:
-                self.ev.add_inplace(acc, term)
+        delta = exact_scale(self.keys, cts[0])
+        acc = sum_of_products(self.ev, ((ct, self._encode(w, ct, delta)) for ct, w in zip(cts, weights, strict=True)
+                                        if w.any()))
         if acc is None:
             raise HEError("a layer whose weights are all zero")
         self.ev.rescale_to_next_inplace(acc)
@@ -257,21 +246,13 @@ class LatencyEvaluator:
         rotated = {0: v}
         for a in range(1, min(baby, m_p)):
             rotated[a] = self._rotated(v, a)
-        delta = self._delta(v)
+        delta = exact_scale(self.keys, v)
         acc = None
         for g in range(0, m_p, baby):
-            inner = None
-            for a in range(min(baby, m_p - g)):
-                diag = wp[k % m_p, (k + g + a) % n_p]  # diag_{g+a}[k]
-                pre = np.roll(np.tile(diag, reps), g)  # rot(diag, -g)
-                if not pre.any():
-                    continue
-                term = self.seal.Ciphertext()
-                self.ev.multiply_plain(rotated[a], self._encode(pre, v, delta), term)
-                if inner is None:
-                    inner = term
-                else:
-                    self.ev.add_inplace(inner, term)
+            # diag_{g+a}[k] = wp[k, k + g + a], pre-rotated by -g
+            pres = ((a, np.roll(np.tile(wp[k % m_p, (k + g + a) % n_p], reps), g)) for a in range(min(baby, m_p - g)))
+            inner = sum_of_products(self.ev, ((rotated[a], self._encode(pre, v, delta)) for a, pre in pres
+                                              if pre.any()))
             if inner is None:
                 continue
             if g:
