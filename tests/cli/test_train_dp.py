@@ -28,6 +28,7 @@ def test_dp_training_on_digits_saves_model_plot_and_privacy(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 4.5 < summary["epsilon"] <= 5.0 and summary["delta"] == 1e-4 and summary["accountant"] == "prv"
     assert summary["epochs"] == 3 and summary["steps"] == 3 * 7
+    assert summary["views"] == 5  # the recipe's augmentation multiplicity: the image and 4 shifted copies
     payload = load_dp_model(out)
     assert payload["arch"] == "scatter-linear"
     assert payload["privacy"]["epsilon"] == pytest.approx(summary["epsilon"])
@@ -52,3 +53,9 @@ def test_existing_checkpoint_needs_resume(tmp_path, capsys):
     assert veil_main(["train", "--dp", "--arch", "scatter-linear", "--data", "digits", "--epsilon", "2",
                       "--checkpoint-dir", str(tmp_path), "--no-progress"]) == 1
     assert "add --resume" in capsys.readouterr().err
+
+
+def test_views_need_a_model_whose_first_trained_layer_is_linear(capsys):
+    assert veil_main(["train", "--dp", "--arch", "scatter-cnn", "--data", "digits", "--epsilon", "2",
+                      "--views", "4", "--epochs", "1", "--no-progress"]) == 1
+    assert "first layer with parameters to be nn.Linear" in capsys.readouterr().err

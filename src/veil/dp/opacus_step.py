@@ -22,6 +22,7 @@ from torch import nn
 
 from veil.dp.sgd_accounting import DPTrainingError, quiet_opacus
 from veil.dp.train import DPSGDConfig, EpochRecord
+from veil.dp.views import ViewCrossEntropy
 from veil.files import atomic_writer
 from veil.randomness import torch_generator
 
@@ -63,16 +64,17 @@ class DPStepper:
                 self.optimizer: Any = DPOptimizerFastGradientClipping(
                     base, noise_multiplier=noise_multiplier, max_grad_norm=config.max_grad_norm,
                     expected_batch_size=expected, loss_reduction="mean", generator=self.generator)
-                self.criterion: Any = DPLossFastGradientClipping(self.module, self.optimizer, nn.CrossEntropyLoss(),
+                self.criterion: Any = DPLossFastGradientClipping(self.module, self.optimizer, ViewCrossEntropy(),
                                                                  loss_reduction="mean")
             else:
                 self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
                 self.optimizer = DPOptimizer(base, noise_multiplier=noise_multiplier,
                                              max_grad_norm=config.max_grad_norm, expected_batch_size=expected,
                                              loss_reduction="mean", generator=self.generator)
-                self.criterion = nn.CrossEntropyLoss()
+                self.criterion = ViewCrossEntropy()
         self.prior = [(float(a), float(b), int(c)) for a, b, c in (prior or [])]
         self.history: list[tuple[float, float, int]] = list(self.prior)
+        self._batch_buffer: torch.Tensor | None = None
         self.ema: nn.Module | None = copy.deepcopy(model) if config.ema_decay is not None else None
         if self.ema is not None:
             for p in self.ema.parameters():
@@ -102,18 +104,18 @@ class DPStepper:
         for _ in bar:
             mask = torch.rand(len(x), generator=self.sampler) < self.sample_rate
             idx = mask.nonzero().squeeze(1)
-            xb, yb = x[idx].to(device), y[idx].to(device)
+            xb, yb = self._gather(x, idx).to(device), y[idx].to(device)
             self.optimizer.zero_grad(set_to_none=True)
             if len(idx) == 0:
                 self._noise_only_step()
             else:
                 out = self.module(xb)
-                if out.ndim != 2:
-                    raise DPTrainingError(f"the model must output (batch, classes) logits, got shape "
-                                          f"{tuple(out.shape)}")
-                if int(yb.max()) >= out.shape[1]:
+                if out.ndim not in (2, 3):
+                    raise DPTrainingError(f"the model must output (batch, classes) logits, or (batch, views, "
+                                          f"classes) with augmentation multiplicity; got shape {tuple(out.shape)}")
+                if int(yb.max()) >= out.shape[-1]:
                     raise DPTrainingError(f"label {int(yb.max())} is out of range for a model with "
-                                          f"{out.shape[1]} outputs")
+                                          f"{out.shape[-1]} outputs")
                 loss = self.criterion(out, yb)
                 loss.backward()
                 self.optimizer.step()
@@ -124,6 +126,16 @@ class DPStepper:
             if progress and count:
                 bar.set_postfix(loss=f"{total / count:.4f}")
         return total / max(count, 1)
+
+    def _gather(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``x[idx]`` into a buffer kept from step to step: a batch of large records (views of
+        features) is hundreds of megabytes, and fresh pages every step cost more than the copy."""
+        n = len(idx)
+        buf = self._batch_buffer
+        if buf is None or buf.shape[0] < n or buf.shape[1:] != x.shape[1:] or buf.dtype != x.dtype:
+            buf = x.new_empty((n + n // 8 + 1, *x.shape[1:]))
+            self._batch_buffer = buf
+        return torch.index_select(x, 0, idx, out=buf[:n])
 
     def _noise_only_step(self) -> None:
         """An empty Poisson batch: the released gradient is the noise alone (as Opacus does)."""
@@ -176,9 +188,13 @@ class DPStepper:
                                   "or delete it to start over")
         self.noise_multiplier = float(state["noise_multiplier"])
         self.optimizer.noise_multiplier = self.noise_multiplier
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None and state["ema"] is not None:
+                self.ema.load_state_dict(state["ema"])
+        except RuntimeError as e:
+            raise DPTrainingError(f"checkpoint {path} holds another model's weights ({str(e).splitlines()[0]}); "
+                                  "use another file or delete it to start over") from None
         self.base_optimizer.load_state_dict(state["optimizer"])
         self.history = [(float(s), float(q), int(k)) for s, q, k in state["accountant"]]
         return int(state["epoch"]), [EpochRecord(**r) for r in state["history"]]

@@ -190,7 +190,7 @@ def train_dp(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *, conf
              test: tuple[torch.Tensor, torch.Tensor] | None = None, frontend: nn.Module | None = None,
              device: str | torch.device | None = None, progress: bool = True,
              checkpoint: str | Path | None = None, on_epoch: Callable[[EpochRecord], None] | None = None,
-             prior_privacy: list[tuple[float, float, int]] | None = None) -> DPTrainResult:
+             prior_privacy: list[tuple[float, float, int]] | None = None, views: bool = False) -> DPTrainResult:
     """Train ``model`` on ``train = (x, y)`` with DP-SGD under ``config``; the result carries (epsilon, delta).
 
     ``frontend``: a fixed, data-independent feature extractor applied once to every record (no
@@ -198,7 +198,10 @@ def train_dp(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *, conf
     ``model``. ``checkpoint``: a file written atomically after every epoch; a run started with the
     same file and settings resumes from it (the accountant's history included). ``prior_privacy``:
     accountant history already spent on the same records (e.g. :mod:`veil.dp.standardize`); it is
-    composed into every reported epsilon, and the calibration leaves room for it.
+    composed into every reported epsilon, and the calibration leaves room for it. ``views``: the
+    training inputs are ``(N, K, ...)``, ``K`` augmented views of each record (augmentation
+    multiplicity, :mod:`veil.dp.views`): each record's gradient is averaged over its views and clipped
+    once; test inputs and the returned model take one view.
     """
     from veil.dp.opacus_step import DPStepper
 
@@ -207,12 +210,28 @@ def train_dp(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *, conf
         test = _check_data(test, "test")
     device = torch.device(device) if device is not None else _model_device(model)
     started = time.perf_counter()
-    if frontend is not None:
+    model, fixes = prepare_model(model)
+    front = nn.Sequential()
+    if views:
+        from veil.dp.views import apply_fixed, split_for_views
+
+        if x.ndim < 3:
+            raise DPTrainingError(f"views: training inputs must be (N, K, ...) views of each record, got shape "
+                                  f"{tuple(x.shape)}")
+        if test is not None and test[0].shape[1:] != x.shape[2:]:
+            raise DPTrainingError(f"views: a test record has shape {tuple(test[0].shape[1:])}, a training view "
+                                  f"{tuple(x.shape[2:])}; they must match")
+        front, model = split_for_views(model)
+        fixed = nn.Sequential(*([frontend] if frontend is not None else []), *front)
+        x = apply_fixed(fixed, x, views=True, device=device, progress=progress, what="train views")
+        if test is not None:
+            test = (apply_fixed(fixed, test[0], views=False, device=device, progress=progress,
+                                what="test records"), test[1])
+    elif frontend is not None:
         frontend = frontend.to(device).eval()
         x = features(frontend, x, device=device, progress=progress, what="train features")
         if test is not None:
             test = (features(frontend, test[0], device=device, progress=progress, what="test features"), test[1])
-    model, fixes = prepare_model(model)
     model = model.to(device)
     n = len(x)
     sample_rate = min(1.0, config.batch_size / n)
@@ -256,6 +275,8 @@ def train_dp(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *, conf
         if on_epoch is not None:
             on_epoch(record)
     trained = copy.deepcopy(stepper.eval_model()).cpu().eval()
+    if views:  # the model as given (same layers, same state_dict keys): one view in, logits out
+        trained = nn.Sequential(*copy.deepcopy(list(front)), *trained).cpu().eval()
     if frontend is not None:
         trained = nn.Sequential(copy.deepcopy(frontend).cpu(), trained)
     epsilon = history[-1].epsilon if history else 0.0
