@@ -289,13 +289,11 @@ def train_dp(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], *, conf
 def features(frontend: nn.Module, x: torch.Tensor, *, device: torch.device | str = "cpu",
              batch_size: int = 2000, progress: bool = False, what: str = "features") -> torch.Tensor:
     """``frontend(x)`` in batches, without gradients, on ``device``; returned on the CPU."""
-    from tqdm import tqdm
+    from veil.dp.views import apply_fixed
 
-    out = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(x), batch_size), desc=what, disable=not progress, leave=False):
-            out.append(frontend(x[i:i + batch_size].to(device)).cpu())
-    return torch.cat(out) if out else x.new_zeros((0,))
+    if len(x) == 0:
+        return x.new_zeros((0,))
+    return apply_fixed(frontend, x, views=False, device=device, batch_size=batch_size, progress=progress, what=what)
 
 
 def save_dp_model(path: str | Path, result: DPTrainResult, *, arch: str | None = None) -> Path:
