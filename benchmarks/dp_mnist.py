@@ -44,7 +44,7 @@ from veil.data.mnist import load_mnist
 from veil.dp.models import ScatterFeatures, scatter_cnn, scatter_linear
 from veil.dp.standardize import clip_norms_for, private_standardizer
 from veil.dp.train import DPSGDConfig, features, train_dp
-from veil.dp.views import SHIFTS_4, SHIFTS_8, ViewCrossEntropy, apply_fixed, shifted_views, split_for_views
+from veil.dp.views import ViewCrossEntropy, apply_fixed, shifted_views, shifts_for, split_for_views
 from veil.nn.zoo import evaluate
 
 RECIPES = {
@@ -92,8 +92,7 @@ def _plain_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: in
 
 def _views_of(frontend: nn.Module, x: torch.Tensor, views: int, progress: bool) -> torch.Tensor:
     """(N, 1 + views, ...) scattering features of each image and its shifted copies."""
-    shifts = {4: SHIFTS_4, 8: SHIFTS_8}[views]
-    return shifted_views(x, shifts, transform=lambda im: features(frontend, im, progress=progress,
+    return shifted_views(x, shifts_for(views), transform=lambda im: features(frontend, im, progress=progress,
                                                                  what="scattering (shifted views)"))
 
 

@@ -79,11 +79,11 @@ def run_dp(args: argparse.Namespace) -> int:
         ema_decay=args.ema if args.ema is not None else recipe.get("ema"))
     views = args.views if args.views is not None else int(recipe.get("views", 0))
     if views:
-        from veil.dp.views import SHIFTS_4, SHIFTS_8, shifted_views
+        from veil.dp.views import shifted_views, shifts_for
 
         if x.ndim != 4:
             raise ValueError(f"--views shifts images (N, C, H, W); {args.data} has shape {tuple(x.shape)}")
-        x = shifted_views(x, SHIFTS_4 if views == 4 else SHIFTS_8)
+        x = shifted_views(x, shifts_for(views))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = Path(args.checkpoint_dir) / "dp-sgd.ckpt" if args.checkpoint_dir else None
     if checkpoint is not None and checkpoint.exists() and not args.resume:

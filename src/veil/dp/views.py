@@ -31,6 +31,13 @@ SHIFTS_4 = ((1, 0), (-1, 0), (0, 1), (0, -1))
 SHIFTS_8 = (*SHIFTS_4, (1, 1), (1, -1), (-1, 1), (-1, -1))
 
 
+def shifts_for(count: int) -> tuple[tuple[int, int], ...]:
+    """The one-pixel shifts of ``count`` (4: up, down, left, right; 8: and the diagonals) copies."""
+    if count not in (4, 8):
+        raise ValueError(f"shifted views: 4 or 8 copies, got {count}")
+    return SHIFTS_4 if count == 4 else SHIFTS_8
+
+
 class ViewCrossEntropy(nn.Module):
     """Cross-entropy of ``(batch, classes)`` logits, or of ``(batch, views, classes)`` logits averaged
     over the views: one loss per record either way (``reduction``: ``mean``, ``sum`` or ``none``, which
