@@ -7,16 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Hyperparameters per architecture when the user gives none: what reached the figures of the README
-# on MNIST (a starting point for other data, not a promise).
-RECIPES: dict[str, dict[str, float]] = {  # "views": shifted copies per image (augmentation multiplicity)
-    "scatter-linear": {"batch_size": 16384, "lr": 16.0, "max_grad_norm": 0.1, "epochs": 100, "ema": 0.99,
-                       "views": 4},
-    "scatter-cnn": {"batch_size": 2048, "lr": 2.0, "max_grad_norm": 0.1, "epochs": 40, "ema": 0.99},
-    "tanh-cnn": {"batch_size": 512, "lr": 0.5, "max_grad_norm": 1.0, "epochs": 40},
-}
-GENERIC = {"batch_size": 512, "lr": 0.5, "max_grad_norm": 1.0, "epochs": 20}
-
 
 def add_dp_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("DP-SGD (--dp): train here on your own data with differential privacy (Opacus)")
@@ -45,6 +35,7 @@ def run_dp(args: argparse.Namespace) -> int:
 
     from veil.data.images import load_images
     from veil.dp.models import ARCHITECTURES, build
+    from veil.dp.recipes import recipe_for
     from veil.dp.train import DPSGDConfig, save_dp_model, train_dp
 
     if not args.data:
@@ -64,11 +55,11 @@ def run_dp(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.arch} takes images (N, C, H, W); {args.data} has shape {tuple(x.shape)}")
         c, h, w = (int(d) for d in x.shape[1:])
         model, frontend = build(args.arch, image_shape=(c, h, w), num_classes=num_classes)
-        recipe = RECIPES[args.arch]
     else:
         from veil.nn.infer import resolve_architecture
 
-        model, frontend, recipe = resolve_architecture(args.arch), None, GENERIC
+        model, frontend = resolve_architecture(args.arch), None
+    recipe = recipe_for(args.arch, args.epsilon if args.noise_multiplier is None else None)
     config = DPSGDConfig(
         target_epsilon=args.epsilon if args.noise_multiplier is None else None, delta=args.delta,
         epochs=args.epochs if args.epochs is not None else int(recipe["epochs"]),
@@ -76,8 +67,8 @@ def run_dp(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm or recipe["max_grad_norm"], optimizer=args.optimizer,
         momentum=args.momentum if args.momentum is not None else 0.9, noise_multiplier=args.noise_multiplier,
         accountant=args.accountant, clipping=args.clipping,
-        ema_decay=args.ema if args.ema is not None else recipe.get("ema"))
-    views = args.views if args.views is not None else int(recipe.get("views", 0))
+        ema_decay=args.ema if args.ema is not None else recipe["ema_decay"])
+    views = args.views if args.views is not None else int(recipe["views"])
     if views:
         from veil.dp.views import shifted_views, shifts_for
 
