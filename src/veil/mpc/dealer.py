@@ -91,7 +91,9 @@ class DealerBox:
         self.part += 1
 
     def rand_arith(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.prgs[0].int64(shape) + self.prgs[1].int64(shape)
+        value = self.prgs[0].int64(shape)
+        value += self.prgs[1].int64(shape)
+        return value
 
     def rand_bin(self, shape: tuple[int, ...], mask: int | None = None,
                  dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -105,7 +107,8 @@ class DealerBox:
 
     def arith(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor], to: int = 1) -> torch.Tensor:
         v = self._derived(shape, value)
-        self.corrections[to].append(_encode(v - self.prgs[1 - to].int64(shape)))
+        stream = self.prgs[1 - to].int64(shape)
+        self.corrections[to].append(_encode(torch.sub(v, stream, out=stream)))
         return v
 
     def bin(self, shape: tuple[int, ...], value: Callable[[], torch.Tensor], nbytes: int = 8,

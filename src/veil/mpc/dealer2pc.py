@@ -193,13 +193,17 @@ class DealerProtocol2PC(Protocol):
             pairs += [(x, a, -1), (y, b, -1)]
         opened = self.open_masked(pairs)
         out = []
-        for i, ((x, _y, op, kwargs), (mat, a, b)) in enumerate(zip(items, mats)):
-            fn = BILINEAR_OPS[op]
+        for i, ((x, y, op, kwargs), (mat, a, _b)) in enumerate(zip(items, mats)):
             e, f = opened[2 * i], opened[2 * i + 1]
-            # z = c + op(e, b) + op(a, f) (+ op(e, f) at party 0), with op(e, b) + op(e, f) = op(e, b + f)
-            z = mat["c"].to(x.device)
-            z += fn(e, b + f if self.index == 0 else b, **kwargs)
-            z += fn(a, f, **kwargs)
+            # op(x, y) = op(e, f) + op(e, b) + op(a, f) + c = op(e, y) + op(a, f) + c, and op(e, y) is
+            # linear in y's shares: share i is c_i + op(e, y_i) + op(a_i, f), the same at both parties.
+            z = mat["c"].to(x.device)  # ours to overwrite: a fresh stream draw or the dealer's message
+            if op == "mul":
+                z.addcmul_(e, y).addcmul_(a, f)  # two passes, no temporaries (z has the broadcast shape)
+            else:
+                fn = BILINEAR_OPS[op]
+                z += fn(e, y, **kwargs)
+                z += fn(a, f, **kwargs)
             out.append(z)
         return out
 
@@ -208,9 +212,9 @@ class DealerProtocol2PC(Protocol):
         mat = self.s.dealer.take("square", n=flat.numel())
         a = mat["a"].to(x.device)
         (e,) = self.open_masked([(flat, a, -1)])
-        # x^2 = (e + a)^2 = a^2 + e (2a + e): party 0 adds the public e^2
+        # x^2 = (e + a)^2 = a^2 + e (e + 2a) = a^2 + e (x + a): share i is a2_i + e (x_i + a_i)
         z = mat["a2"].to(x.device)
-        z += e * (2 * a + e if self.index == 0 else 2 * a)
+        z.addcmul_(e, torch.add(flat, a))
         return z.reshape(x.shape)
 
     def truncate(self, x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -218,7 +222,8 @@ class DealerProtocol2PC(Protocol):
             return x
         if self.index == 0:
             return x >> bits
-        return -((-x) >> bits)
+        out = torch.neg(x)  # -floor(-x / 2^bits), one temporary
+        return out.bitwise_right_shift_(bits).neg_()
 
     def truncate_exact(self, xs: Sequence[torch.Tensor], bits: int) -> list[torch.Tensor]:
         """Shares of ``floor(x / 2^bits)`` (or one less) for secrets ``|x| < 2^62``: never the large
