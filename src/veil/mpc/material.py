@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from veil.mpc import circuits
+from veil.mpc import circuits, ringmath
 from veil.mpc.dealer import recipe
+from veil.mpc.ringmath import on_ints
 
 Shape = tuple[int, ...]
 
@@ -36,13 +37,15 @@ def conv2d_weight(x: torch.Tensor, grad: torch.Tensor, *, weight_shape: Sequence
     return torch.cat(parts, 0)
 
 
+# The bilinear ops of products of secrets. On int64 ring elements, matrix products and
+# convolutions run exactly on float64 BLAS (veil.mpc.ringmath); on floats (shape inference) as is.
 BILINEAR_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "mul": lambda a, b, **kw: a * b,
-    "matmul": lambda a, b, **kw: a @ b,
-    "conv1d": lambda a, b, **kw: F.conv1d(a, b, **kw),
-    "conv2d": lambda a, b, **kw: F.conv2d(a, b, **kw),
-    "conv_transpose2d": lambda a, b, **kw: F.conv_transpose2d(a, b, **kw),
-    "conv2d_weight": conv2d_weight,
+    "matmul": on_ints(ringmath.matmul, lambda a, b, **kw: a @ b),
+    "conv1d": on_ints(ringmath.conv1d, lambda a, b, **kw: F.conv1d(a, b, **kw)),
+    "conv2d": on_ints(ringmath.conv2d, lambda a, b, **kw: F.conv2d(a, b, **kw)),
+    "conv_transpose2d": on_ints(ringmath.conv_transpose2d, lambda a, b, **kw: F.conv_transpose2d(a, b, **kw)),
+    "conv2d_weight": on_ints(ringmath.conv2d_weight, conv2d_weight),
 }
 
 

@@ -143,8 +143,9 @@ class SecretTensor:
         return self._bilinear(other, "matmul")
 
     def __rmatmul__(self, other: Any) -> SecretTensor:
-        o = torch.as_tensor(other)
-        z = self._encode(o) @ self.share
+        from veil.mpc.material import BILINEAR_OPS
+
+        z = BILINEAR_OPS["matmul"](self._encode(torch.as_tensor(other)), self.share)
         return self._new(self.protocol.truncate(z, self.frac_bits))
 
     def matmul(self, other: Any) -> SecretTensor:
