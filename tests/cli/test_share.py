@@ -88,7 +88,10 @@ def test_vertical_split_by_columns_with_one_label_owner(data: dict[str, Path], t
     (["--data-alice", "DATA", "--label-owner", "alice"], "--label-owner is for a vertical split"),
     (["--data-alice", "DATA", "--party", "alice"], "--party and --peers go together"),
     (["--data-alice", "DATA", "--party", "alice", "--peers", "p.json"], "--data-alice are for a local run"),
-    (["--data-alice", "DATA", "--rows", "30:40"], "rows 30:40 select nothing of its 20 rows"),
+    (["--data-alice", "DATA", "--rows", "30:"], "rows 30: select nothing of its 20 rows"),
+    (["--data-alice", "DATA", "--rows", "10:40"], "rows 10:40 reach past its 20 rows"),
+    (["--split", "vertical", "--flatten", "--data-alice", "DATA", "--columns-alice", "2:9", "--data-bob", "DATA",
+      "--columns-bob", ":2", "--label-owner", "bob"], "columns 2:9 reach past its 6 columns"),
     (["--data-alice", "DATA", "--name", "a/b"], "--name 'a/b': 1 to 100 letters"),
 ])
 def test_bad_arguments_exit_1_with_the_cause(data: dict[str, Path], tmp_path: Path,

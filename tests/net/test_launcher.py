@@ -45,6 +45,11 @@ def bob_raises(t: Transport) -> None:
     raise ValueError("boom")
 
 
+def bob_has_a_bug(t: Transport) -> None:
+    t.recv("alice")
+    raise KeyError("a bug")
+
+
 TARGETS = {"alice": alice_then_wait, "bob": bob_dies, "dealer": dealer_wait}
 
 
@@ -78,6 +83,15 @@ def test_a_party_that_raises_is_reported_with_its_error() -> None:
     message = str(info.value)
     assert message.startswith("party 'bob' failed: ValueError: boom"), message
     assert "closed its connection" in message  # what alice and dealer saw, listed after the cause
+    assert "Traceback" not in message  # a refusal of bad input: the message says it all
+
+
+def test_a_party_with_a_bug_is_reported_with_its_traceback() -> None:
+    with pytest.raises(RuntimeError) as info:
+        launch_local(dict(TARGETS, bob=bob_has_a_bug), timeout=60.0)
+    message = str(info.value)
+    assert message.startswith("party 'bob' failed: KeyError: 'a bug'"), message
+    assert "--- traceback in party 'bob' ---" in message and "in bob_has_a_bug" in message
 
 
 def test_unpicklable_target_is_refused_before_start() -> None:

@@ -113,6 +113,8 @@ def load_source(source: Source, job: ShareJob, *, labels: bool) -> dict[str, tor
         x, y = load_images(source.data, split=job.mnist_split, mnist_path=job.mnist_path)
     n = len(x)
     if source.rows is not None:
+        if source.rows[1] is not None and source.rows[1] > n:
+            raise ValueError(f"{source.data}: rows {_show(source.rows)} reach past its {n} rows")
         x, y = x[source.rows[0]:source.rows[1]], (None if y is None else y[source.rows[0]:source.rows[1]])
         if len(x) == 0:
             raise ValueError(f"{source.data}: rows {_show(source.rows)} select nothing of its {n} rows")
@@ -124,6 +126,8 @@ def load_source(source: Source, job: ShareJob, *, labels: bool) -> dict[str, tor
         if x.dim() < 2:
             raise ValueError(f"{source.data}: features of shape {tuple(x.shape)} have no columns to select")
         width = x.shape[1]
+        if source.columns[1] is not None and source.columns[1] > width:
+            raise ValueError(f"{source.data}: columns {_show(source.columns)} reach past its {width} columns")
         x = x[:, source.columns[0]:source.columns[1]]
         if x.shape[1] == 0:
             raise ValueError(f"{source.data}: columns {_show(source.columns)} select nothing of its {width} columns")

@@ -9,7 +9,8 @@ never come from a peer.
 
 Failure handling: a party that raises or dies makes the others fail quickly (their connections
 drop); the launcher waits for them at most ``timeout`` + 10 s, hard-kills what is left, and raises
-an error naming the party at the root of the failure, with its message.
+an error naming the party at the root of the failure, with its message (and its traceback, unless
+the error was a ValueError or OSError: bad input or a missing file, which the message explains).
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ def _child(party: str, target_pickle: bytes, conn: mpc.Connection, certs_dir: Pa
     except BaseException as e:
         kind = "party" if isinstance(e, PartyError) else "error"
         summary = str(e) if kind == "party" else f"{type(e).__name__}: {e}"
-        _report(conn, ("error", kind, summary, "".join(traceback.format_exception(e))))
+        # A ValueError or OSError is a refusal of bad input or a missing file: its message says
+        # what is wrong, a traceback from deep inside would only bury it. Anything else is a bug.
+        expected = isinstance(e, ValueError | OSError)
+        _report(conn, ("error", kind, summary, "" if expected else "".join(traceback.format_exception(e))))
 
 
 def _report(conn: mpc.Connection, msg: tuple[Any, ...]) -> None:
