@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ pytest.importorskip("flwr")
 
 from veil.fl import FLError, FLTask, ServerSettings
 from veil.fl.deploy import ClientPolicy, decode_spec, encode_spec
-from veil.fl.hosts import parse_address, serve
+from veil.fl.hosts import _control_client, parse_address, serve
 from veil.fl.privacy import ClientDP, RecordDP
 from veil.fl.superlink import RemoteFleetOnly
 from veil.fl.task import build_model, get_weights, load_task_data, set_weights
@@ -97,6 +98,25 @@ def test_only_the_fleet_api_is_served_to_remote_peers(host, path, served):
 
     sent = _call(RemoteFleetOnly(inner), host, path)
     assert sent[0]["status"] == (200 if served else 403)
+
+
+def test_the_fleet_api_answers_retry_later_until_the_clients_are_registered(tmp_path):
+    async def inner(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    ready = tmp_path / "fleet-ready"
+    guard = RemoteFleetOnly(inner, ready_file=str(ready))
+    assert _call(guard, "10.1.2.3", "/v1/fleet/activate-node")[0]["status"] == 503  # SuperNodes retry a 503
+    assert _call(guard, "127.0.0.1", "/v1/control/list-runs")[0]["status"] == 200  # registration goes on
+    ready.write_bytes(b"")
+    assert _call(guard, "10.1.2.3", "/v1/fleet/activate-node")[0]["status"] == 200
+
+
+def test_the_servers_control_client_takes_a_certificate_directory_relative_to_the_working_directory(
+        tmp_path, monkeypatch):
+    generate_certificates(["server"], tmp_path / "certs")
+    monkeypatch.chdir(tmp_path)
+    assert _control_client("127.0.0.1:19399", Path("certs") / "ca.pem") is not None  # no connection made yet
 
 
 def test_parse_address():

@@ -40,6 +40,7 @@ from veil.fl.deploy import (
     save_weights,
     veil_version,
 )
+from veil.fl.superlink import READY_ENV
 from veil.fl.task import FLError, FLTask
 
 DEFAULT_PORT = 9093
@@ -159,7 +160,8 @@ def _control_client(address: str, ca: Path | None) -> Any:
     if ca is None:
         conn = SuperLinkConnection(name="veil", address=address, _insecure=True)
     else:
-        conn = SuperLinkConnection(name="veil", address=address, root_certificates=str(ca))
+        # Flower wants an absolute path here (a relative one is refused as an invalid value)
+        conn = SuperLinkConnection(name="veil", address=address, root_certificates=str(Path(ca).resolve()))
     with contextlib.redirect_stdout(io.StringIO()):  # Flower prints "Using SuperLink: ..." each time
         return init_http_client_from_connection(conn)
 
@@ -238,6 +240,10 @@ def serve(task: FLTask, settings: ServerSettings, *, certs: str | Path | None, o
         init_path = server_dir / "initial.npz"
         save_weights(init_path, initial_weights)
     env = flower_env(out / "flwr-home")
+    ready_file = server_dir / "fleet-ready"
+    ready_file.unlink(missing_ok=True)
+    if keys:  # SuperNodes wait (503) until every admitted key is registered
+        env[READY_ENV] = str(ready_file)
     cmd = [sys.executable, "-m", "veil.fl.superlink", "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if creds is None:
@@ -258,6 +264,7 @@ def serve(task: FLTask, settings: ServerSettings, *, certs: str | Path | None, o
             control = _wait_for_control(address, None if creds is None else creds.ca, link, log_path, start_timeout)
             for client_name, key in zip(clients, keys):
                 _register(control, client_name, key)
+            ready_file.write_bytes(b"")
             run_id = _submit(control, pyproject(task, settings, server_dir, init_path))
             bar = tqdm(total=settings.rounds, desc="federated rounds", unit="round", disable=not progress)
             follower = _Follower(server_dir / PROGRESS)
