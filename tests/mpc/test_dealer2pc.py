@@ -55,6 +55,7 @@ def _costs(session: veil.Session, x: torch.Tensor, y: torch.Tensor) -> dict[str,
     cost("sum_reshape", lambda: a.sum() + a.reshape(10, -1)[0].sum())
     cost("mul", lambda: a * b)
     cost("square", lambda: a.square())
+    cost("products", lambda: session.protocol.products([a.share, b.share], [(0, 0), (0, 1), (1, 1), (1, 0)]))
     cost("matmul", lambda: a.reshape(20, 50) @ b.reshape(50, 20))
     for name, fn in {"lt": lambda: a < b, "gt": lambda: a > b, "le": lambda: a <= b, "ge": lambda: a >= 0,
                      "relu": lambda: a.relu(), "abs": lambda: a.abs(), "sign": lambda: a.sign(),
@@ -117,6 +118,12 @@ def test_square_and_matmul_open_only_their_operands(costs: dict[str, Any], party
     assert sq["rounds"] == 1 and 16 * N <= sq["bytes_with_peer"] <= 16 * N + HEADER_SLACK_PER_ROUND
     # (20 x 50) @ (50 x 20): both factors opened, 1000 elements each
     assert mm["rounds"] == 1 and 32 * N <= mm["bytes_with_peer"] <= 32 * N + HEADER_SLACK_PER_ROUND
+
+
+@pytest.mark.parametrize("party", PARTIES)
+def test_products_open_each_factor_once_however_many_pairs_use_it(costs: dict[str, Any], party: str) -> None:
+    m = costs[party]["products"]  # x^2, xy, y^2, yx: two factors, 8 bytes per element each way each
+    assert m["rounds"] == 1 and 32 * N <= m["bytes_with_peer"] <= 32 * N + HEADER_SLACK_PER_ROUND
 
 
 @pytest.mark.parametrize("party", PARTIES)
@@ -212,3 +219,31 @@ def _row_max_rounds(session: veil.Session, x: torch.Tensor) -> int:
 @pytest.mark.parametrize(("rows", "rounds"), [(64, 5 + 4 + 1), (5000, 5 * 4)])
 def test_rows_of_ten_take_the_pairwise_max_when_small_and_the_tournament_when_large(rows: int, rounds: int) -> None:
     assert run_local(_row_max_rounds, randn(41, rows, 10))["alice"] == rounds
+
+
+def test_products_of_shared_factors_are_the_exact_ring_products() -> None:
+    x, y = randn(3, 4, 25, scale=8), randn(4, 4, 25, scale=8)
+    pairs = [(0, 0), (0, 1), (1, 0), (1, 1), (0, 1)]
+
+    def program(session: veil.Session) -> Any:
+        a = session.share(x if session.party == "alice" else None, owner="alice")
+        b = session.share(y if session.party == "bob" else None, owner="bob")
+        zs = session.protocol.products([a.share, b.share], pairs)
+        return [session.protocol.reveal(z, ["alice"]) for z in zs]
+
+    got = run_local(program)["alice"]
+    fp = veil.FixedPoint(16)
+    ring = [fp.encode(x), fp.encode(y)]
+    for (i, j), z in zip(pairs, got):
+        assert z.shape == x.shape and torch.equal(z, ring[i] * ring[j]), (i, j)  # not truncated: exact
+
+
+def test_products_refuse_factors_of_different_shapes() -> None:
+    def program(session: veil.Session) -> Any:
+        a = session.share(torch.ones(4) if session.party == "alice" else None, owner="alice")
+        b = session.share(torch.ones(5) if session.party == "alice" else None, owner="alice")
+        with pytest.raises(ValueError, match="values must have one shape"):
+            session.protocol.products([a.share, b.share], [(0, 1)])
+        return True
+
+    assert run_local(program) == {"alice": True, "bob": True}

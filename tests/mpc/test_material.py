@@ -51,11 +51,12 @@ def _take_all(session: veil.Session) -> dict[str, Any]:
         "square": dict(name="square", n=N),
         "msb": dict(name="msb", n=N, ys=2),
         "eqz": dict(name="eqz", n=N, ys=1),
+        "mask_products": dict(name="mask_products", n=N, values=3, pairs=[[0, 0], [0, 1], [2, 1]]),
     }
     for key, params in requests.items():
         params = dict(params)
         mat = take(params.pop("name"), **params)
-        fields = {"triple": ["a", "b", "c"], "square": ["a", "a2"]}.get(
+        fields = {"triple": ["a", "b", "c"], "square": ["a", "a2"], "mask_products": ["masks", "products"]}.get(
             requests[key]["name"], ["r", "tree", "m", "t", "masks"])
         out[key] = {f: _plain(mat[f]) for f in fields}
     return out
@@ -65,7 +66,7 @@ def _take_all(session: veil.Session) -> dict[str, Any]:
 def shares() -> dict[str, Any]:
     run = run_parties(_take_all)
     assert not run.errors, run.errors
-    assert run.results["dealer"] == 6
+    assert run.results["dealer"] == 7
     return run.results
 
 
@@ -85,6 +86,14 @@ def test_square_pairs_reconstruct(shares: dict[str, Any]) -> None:
     s0, s1 = shares["alice"]["square"], shares["bob"]["square"]
     a = s0["a"] + s1["a"]
     assert torch.equal(s0["a2"] + s1["a2"], a * a)
+
+
+def test_mask_products_reconstruct_the_products_of_the_masks(shares: dict[str, Any]) -> None:
+    s0, s1 = shares["alice"]["mask_products"], shares["bob"]["mask_products"]
+    masks = [a + b for a, b in zip(s0["masks"], s1["masks"])]
+    for (i, j), c0, c1 in zip([(0, 0), (0, 1), (2, 1)], s0["products"], s1["products"]):
+        assert torch.equal(c0 + c1, masks[i] * masks[j]), f"c_{i}{j} != a_{i} a_{j} in Z_2^64"
+    assert len({int(m[0]) for m in masks}) == 3  # one fresh mask per value
 
 
 @pytest.mark.parametrize("kind", ["msb", "eqz"])

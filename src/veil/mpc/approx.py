@@ -48,7 +48,19 @@ NEWTON_CLEANUP_RATIO = 16.0
 
 
 def _mul_batch(proto: Any, pairs: list[tuple[torch.Tensor, torch.Tensor]], trunc: int) -> list[torch.Tensor]:
-    """Several elementwise secret products in one round (one Beaver triple over their concatenation)."""
+    """Several elementwise secret products in one round. Operands of one shape go through
+    ``proto.products``: each distinct tensor is opened once, however many products use it (powers,
+    Goldschmidt steps). Otherwise one Beaver triple over the broadcast operands' concatenation."""
+    shape = pairs[0][0].shape
+    if all(a.shape == shape and b.shape == shape for a, b in pairs):
+        values: list[torch.Tensor] = []
+        index: dict[int, int] = {}
+        for t in (t for pair in pairs for t in pair):
+            if id(t) not in index:
+                index[id(t)] = len(values)
+                values.append(t)
+        zs = proto.products(values, [(index[id(a)], index[id(b)]) for a, b in pairs])
+        return [proto.truncate(z, trunc) for z in zs]
     shapes = [np.broadcast_shapes(a.shape, b.shape) for a, b in pairs]
     xs = torch.cat([a.expand(s).reshape(-1) for (a, _), s in zip(pairs, shapes)])
     ys = torch.cat([b.expand(s).reshape(-1) for (_, b), s in zip(pairs, shapes)])
@@ -139,11 +151,12 @@ def reciprocal(x: SecretTensor, domain: tuple[float, float] = DEFAULT_DOMAIN) ->
     y = (x * (-b) + a).share
     e = _const(x, 1.0, f) - proto.truncate(proto.bilinear(x.share, y, "mul", {}), f)
     for k in range(steps):
-        one_plus_e = _const(x, 1.0, f) + e
+        # y (1 + e) = y + y e: y and e are opened once for both products
         if k == steps - 1:
-            (y,) = _mul_batch(proto, [(y, one_plus_e)], f)
+            (ye,) = _mul_batch(proto, [(y, e)], f)
         else:
-            y, e = _mul_batch(proto, [(y, one_plus_e), (e, e)], f)
+            ye, e = _mul_batch(proto, [(y, e), (e, e)], f)
+        y = y + ye
     if hi / lo > NEWTON_CLEANUP_RATIO:
         # Goldschmidt does not correct its rounding errors, which a small first guess amplifies
         # over a wide domain; one Newton step y (2 - x y) does (2 rounds).

@@ -18,6 +18,7 @@ from veil.mpc.dealer import recipe
 from veil.mpc.ringmath import on_ints
 
 Shape = tuple[int, ...]
+MAX_PRODUCT_VALUES = 16  # factors of one mask_products request
 
 def conv2d_weight(x: torch.Tensor, grad: torch.Tensor, *, weight_shape: Sequence[int], stride: Any = 1,
                   padding: Any = 0, dilation: Any = 1, groups: int = 1) -> torch.Tensor:
@@ -90,6 +91,22 @@ def triple(box: Any, op: str, shape_x: list[int], shape_y: list[int], shape_z: l
     b = box.rand_arith(tuple(shape_y))
     c = box.arith(tuple(shape_z), lambda: fn(a, b, **kw))
     return {"a": a, "b": b, "c": c}
+
+
+@recipe("mask_products")
+def mask_products(box: Any, n: int, values: int, pairs: list[list[int]]) -> dict[str, Any]:
+    """A uniform mask per value and the product of the masks of each pair (``c_ij = a_i a_j``), for
+    products that share factors; the products' corrections alternate between the parties."""
+    if not isinstance(values, int) or not 1 <= values <= MAX_PRODUCT_VALUES:
+        raise ValueError(f"mask_products: values must be in [1, {MAX_PRODUCT_VALUES}], got {values!r}")
+    if not isinstance(pairs, list) or not 1 <= len(pairs) <= MAX_PRODUCT_VALUES ** 2 or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(k, int) and 0 <= k < values for k in p)
+            for p in pairs):
+        raise ValueError(f"mask_products: pairs must be a list of [i, j] with 0 <= i, j < {values}")
+    masks = [box.rand_arith((n,)) for _ in range(values)]
+    products = [box.arith((n,), lambda i=i, j=j: masks[i] * masks[j], to=k % 2)
+                for k, (i, j) in enumerate(pairs)]
+    return {"masks": masks, "products": products}
 
 
 @recipe("trunc")

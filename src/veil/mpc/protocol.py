@@ -42,6 +42,11 @@ class Protocol(ABC):
         """Shares of several independent ``op(x, y)`` products, *not* truncated, in the rounds of one."""
 
     @abstractmethod
+    def products(self, values: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """Shares of ``values[i] * values[j]`` (elementwise, equal shapes) for each pair, *not*
+        truncated, in the rounds of one; each value enters once however many pairs use it."""
+
+    @abstractmethod
     def square(self, x: torch.Tensor) -> torch.Tensor:
         """Share of ``x * x``, not truncated."""
 
