@@ -10,9 +10,9 @@ exp            ``t = x / 2^8`` at 22 fractional bits, ``1 + t + t^2/2``, then   
                8 squarings back down to 16 bits                                        abs 2e-3 on [-500, 0]
 reciprocal     linear minimax guess on ``domain``, Goldschmidt iterations      4..14    rel 1e-3 or 4 ulp
                                                                                         (2^-14) in domain
-               (``y *= 1 + e; e = e^2`` in one round each, count chosen from
-               the domain), one Newton step when the domain is wider than 16x;
-               default domain [1/32, 32]
+               (``y += y e; e = e^2`` in one round each, y and e opened once,
+               count chosen from the domain), one Newton step when the domain
+               is wider than 16x; default domain [1/32, 32]
 rsqrt, sqrt    linear guess, Goldschmidt square-root iterations (2 rounds each) 3..25   rel 2e-3 in domain
                (19 rounds on the default domain [1/32, 32])
 log            Householder iterations on ``exp(-y)`` (order 4)                   ~45    abs 5e-3 on [0.05, 100]
@@ -22,6 +22,9 @@ tanh           ``2 sigmoid(2x) - 1``                                            
 softmax        max along ``dim`` (tournament), exp of ``x - max`` (<= 0), sum,  5 ceil(log2 k) abs 2e-3 when a
                reciprocal on [1, k + 0.5]                                       + 13..17  row spans < 500
 ============== ================================================================ ====== ======================
+
+Products that share a factor in one round (powers, the Goldschmidt steps) go through the protocol's
+``products``: each factor is opened once, not once per product.
 
 Outside a stated domain results are wrong: reciprocal and rsqrt diverge; exp's base ``1 + t + t^2/2``
 exceeds 1 below x = -512 and overflows above x ~ 20 (see README "Precision"). Inputs that may leave
