@@ -198,9 +198,9 @@ def _chunked_comparisons(session: veil.Session, x: torch.Tensor) -> dict[str, An
 
 
 def test_large_comparisons_run_in_equal_chunks_with_the_same_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    from veil.mpc import dealer2pc
+    from veil.mpc import compare2pc
 
-    monkeypatch.setattr(dealer2pc, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(compare2pc, "CHUNK_ELEMENTS", 1000)
     x = randn(40, 2, 1250, scale=4.0)  # 2,500 elements: 3 chunks of 834/834/832
     x[0, :7] = 0.0
     out = run_local(_chunked_comparisons, x)["alice"]
