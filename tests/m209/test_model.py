@@ -144,6 +144,13 @@ def test_attack_cli_recovers_a_key_with_a_shipped_model(capsys):
     assert keys_equivalent(recovered, Key(pins[0], lugs[0]))
 
 
+def test_attack_cli_names_a_missing_file_given_for_a_text(tmp_path, capsys):
+    missing = str(tmp_path / "cipher.txt")
+    assert main(["m209", "attack", "--ciphertext", missing, "--known-plaintext", "ATTACK", "--indicator",
+                 "AAAAAA"]) == 1
+    assert f"{missing}: no such file" in capsys.readouterr().err
+
+
 def _key_from_listing(out: str) -> Key:
     """The key printed by `veil m209 attack`, read back through the reference package's key list."""
     from types import SimpleNamespace

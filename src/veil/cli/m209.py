@@ -276,6 +276,8 @@ def _text_arg(value: str) -> str:
         is_file = Path(value).is_file()
     except OSError:  # e.g. a long ciphertext given inline: "file name too long"
         is_file = False
+    if not is_file and any(c in value for c in "/\\.") and not value.replace(" ", "").isalpha():
+        raise ValueError(f"{value}: no such file (give the letters themselves, or a file of them)")
     text = Path(value).read_text() if is_file else value
     return "".join(text.upper().replace("\t", "").splitlines()).strip()
 
