@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 "dealer_bytes_per_element": round((a["dealer_bytes"] + b["dealer_bytes"]) / n, 2),
                 "max_abs_error": a["max_abs_error"],
                 "plaintext_seconds": round(a["plaintext_seconds"], 6),
-                "protocol": "2pc+dealer", "transport": "tcp loopback, TLS 1.3 + AES-GCM"}
+                "protocol": "2pc+dealer", "transport": "tcp loopback, TLS 1.3 + AES-OCB3"}
         print(json.dumps(line), flush=True)
     return 0
 

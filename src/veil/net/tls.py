@@ -3,7 +3,7 @@
 Security properties:
 
 * **Confidentiality and integrity** of every byte between two parties: TLS 1.3 only (forward
-  secrecy) carries the hello and a fresh per-direction AES-128-GCM key; frames are then sealed with
+  secrecy) carries the hello and a fresh per-direction AES-128-OCB3 key; frames are then sealed with
   that key (see :mod:`veil.net.tlschannel`). Nothing is ever pickled; payloads are raw bytes.
 * **Mutual authentication**: both sides require a certificate chaining to the deployment's CA
   (``ca.pem`` from ``veil keygen``, the only trust anchor loaded), and after the handshake each side
