@@ -20,8 +20,8 @@ import ipaddress
 import os
 from typing import Any
 
-REMOTE_PREFIXES = ("/v1/fleet/", "/health")
 FLEET_PREFIX = "/v1/fleet/"
+REMOTE_PREFIXES = (FLEET_PREFIX, "/health")
 READY_ENV = "VEIL_FLEET_READY_FILE"
 
 

@@ -252,7 +252,7 @@ def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, stride: Any = 1, padding:
     """``F.conv_transpose2d(x, w, ...)`` in Z_2^64: for each group, the kernel's transpose
     ``[C_out/g kh kw, C_in/g]`` times the input ``[C_in/g, N H W]``, then col2im (``F.fold``) adds
     the overlapping patches, still in ``float64`` (an output sums at most ``C_in/g kh kw``
-    products: :func:`conv_transpose_terms`)."""
+    products)."""
     c_in, o_g, kh, kw = (int(d) for d in w.shape)
     s2, p2, d2, op2 = _pair(stride), _pair(padding), _pair(dilation), _pair(output_padding)
     n, _, h, wd = (int(d) for d in x.shape)
@@ -293,21 +293,10 @@ def conv1d(x: torch.Tensor, w: torch.Tensor, stride: Any = 1, padding: Any = 0, 
     return out.squeeze(2)
 
 
-# How many products each output of an op sums (the ``terms`` of :func:`exact`).
+# How many products an output of a convolution sums (the ``terms`` of :func:`exact`).
 def conv_terms(x: torch.Tensor, w: torch.Tensor, **_: Any) -> int:
     """conv1d/conv2d: input channels per group times the kernel's taps (the weight's last dims)."""
     return math.prod(int(d) for d in w.shape[1:])
-
-
-def conv_transpose_terms(x: torch.Tensor, w: torch.Tensor, groups: int = 1, **_: Any) -> int:
-    """conv_transpose: weight ``(C_in, C_out / groups, *k)``; an output sums over the group's input
-    channels and at most every tap."""
-    return (int(w.shape[0]) // groups) * math.prod(int(d) for d in w.shape[2:])
-
-
-def conv_weight_terms(x: torch.Tensor, grad: torch.Tensor, **_: Any) -> int:
-    """The weight gradient sums over the batch and the output's positions."""
-    return int(grad.shape[0]) * math.prod(int(d) for d in grad.shape[2:])
 
 
 def on_ints(ring_fn: BilinearFn, fn: BilinearFn) -> BilinearFn:
