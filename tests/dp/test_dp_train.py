@@ -63,6 +63,12 @@ def test_run_spends_at_most_its_target_and_learns(digits, accountant):
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+def test_calibrating_noise_for_delta_zero_is_refused_by_name():
+    # pure epsilon-DP is out of reach for Gaussian noise: the error names delta, not a division by zero
+    with pytest.raises(ValueError, match=r"delta must satisfy 0 < delta < 1, got 0"):
+        calibrate_noise(target_epsilon=1.0, delta=0, sample_rate=0.01, steps=100)
+
+
 def test_calibrated_noise_matches_opacus_and_grows_with_privacy():
     from opacus.accountants.utils import get_noise_multiplier
 

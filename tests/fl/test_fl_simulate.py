@@ -83,6 +83,7 @@ def test_secure_round_survives_a_dropout_and_aggregates_the_others():
     parts = [range(100 * i, 100 * (i + 1)) for i in range(5)]
     result = _run(_task(parts, faults=("1:drop@1",)), rounds=1, secure=True, init=init)
     assert [r.clients for r in result.rounds] == [4]
+    assert [r.failures for r in result.rounds] == [1]  # once, though Flower's SecAgg+ lists it twice
     survivors = torch.tensor([i for k in (0, 2, 3, 4) for i in parts[k]])
     assert _close(result.weights, _gd(init, x[survivors], y[survivors], steps=1), 1e-4)
 
@@ -96,6 +97,7 @@ def test_malformed_updates_are_rejected_with_a_reason_and_the_round_goes_on():
     assert any("client 2" in r and "NaN" in r for r in result.rejected)
     assert any("client 3" in r and "shape" in r for r in result.rejected)
     assert [r.clients for r in result.rounds] == [2]
+    assert [r.failures for r in result.rounds] == [2]
     assert _close(result.weights, _gd(init, x[:200], y[:200], steps=1), 1e-5)
 
 

@@ -31,7 +31,7 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     from opacus.accountants.utils import get_noise_multiplier
 
     validate_epsilon(target_epsilon)
-    validate_delta(delta)
+    validate_delta(delta, allow_zero=False)  # epsilon is infinite at delta = 0 for Gaussian noise
     if not 0 < sample_rate <= 1:
         raise DPTrainingError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if accountant not in ACCOUNTANTS:

@@ -153,6 +153,11 @@ def _checked(base: type) -> type:
         veil_recorder: RoundRecorder | None = None
         veil_client_dp: tuple[ClientDP, float] | None = None  # (settings, sample rate)
 
+        def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+            chosen = super().configure_fit(server_round, parameters, client_manager)
+            self._veil_sampled = {**getattr(self, "_veil_sampled", {}), server_round: len(chosen)}
+            return chosen
+
         def aggregate_fit(self, server_round: int, results: list, failures: list) -> Any:
             from flwr.common import parameters_to_ndarrays
 
@@ -179,7 +184,11 @@ def _checked(base: type) -> type:
                 parameters, epsilon = self._noised(parameters, server_round, len(kept))
                 metrics["epsilon"] = epsilon
             if self.veil_recorder is not None:
-                self.veil_recorder.aggregated(server_round, len(kept), len(failures), epsilon)
+                # Clients sampled whose update is not in the aggregate. Not len(failures): Flower's
+                # SecAgg+ workflow lists a client that fails while sending its masked vector twice.
+                sampled = getattr(self, "_veil_sampled", {}).pop(server_round, None)
+                lost = len(failures) if sampled is None else sampled - len(kept)
+                self.veil_recorder.aggregated(server_round, len(kept), lost, epsilon)
             return parameters, metrics
 
         def _noised(self, parameters: Any, server_round: int, received: int) -> tuple[Any, float]:
