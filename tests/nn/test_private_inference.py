@@ -57,6 +57,29 @@ def test_predictions_and_accuracy_go_to_the_data_owner_only(reveal: str) -> None
     assert alice.traffic["rounds"] == bob.traffic["rounds"] == 3 * per_batch
 
 
+@pytest.mark.parametrize("reveal", ["logits", "label"])
+@pytest.mark.parametrize("head", ["sigmoid", "logit", "flat"])
+def test_a_one_output_classifier_is_decided_by_its_threshold(reveal: str, head: str) -> None:
+    # one score per input: above 0.5 after a final sigmoid, above 0 for a logit, (N,) or (N, 1)
+    torch.manual_seed(2)
+    layers: list[nn.Module] = [nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 1)]
+    layers += [nn.Sigmoid()] if head == "sigmoid" else [nn.Flatten(0)] if head == "flat" else []
+    module = nn.Sequential(*layers).eval()
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        module[2].bias -= module[:3](x).median()  # about half of each class
+        score = module(x).reshape(-1)
+    want = (score > (0.5 if head == "sigmoid" else 0.0)).long()
+    assert 10 < int(want.sum()) < 30
+    keep = (score - (0.5 if head == "sigmoid" else 0.0)).abs() > 1e-2  # away from the fixed-point tie
+    x, want = x[keep], want[keep]
+    labels = want.clone()
+    labels[0] = 1 - labels[0]
+    alice = run_local(_program, from_torch(module), x, labels, 16, reveal)["alice"]
+    assert torch.equal(alice.predictions, want)
+    assert alice.accuracy == pytest.approx(1 - 1 / len(want))
+
+
 def test_the_wire_carries_no_weight_to_the_data_owner_and_no_input_or_output_to_the_model_owner() -> None:
     module = small_cnn()
     with torch.no_grad():

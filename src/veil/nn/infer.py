@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +96,11 @@ def _plan(session: Session, images: torch.Tensor | None, data_owner: str, batch_
     return n, shape
 
 
+def _binary(shape: torch.Size) -> bool:
+    """One score per input, (N,) or (N, 1): a binary classifier, decided by a threshold."""
+    return len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)
+
+
 def private_inference(session: Session, model: SecureModel | torch.nn.Module | None,
                       images: torch.Tensor | None, *, model_owner: str, data_owner: str,
                       labels: torch.Tensor | None = None, batch_size: int = 64, reveal: str = "logits",
@@ -103,8 +109,9 @@ def private_inference(session: Session, model: SecureModel | torch.nn.Module | N
 
     ``model``: the owner's module or :class:`SecureModel` (None at the other party), or a model both
     parties shared earlier with :func:`share_model` (to run many jobs on one sharing).
-    Returns this party's :class:`InferenceResult`: predictions (argmax over dimension 1), outputs and
-    accuracy (if ``labels``) at the data owner only; time and traffic at both.
+    Returns this party's :class:`InferenceResult`: predictions (argmax over dimension 1; for one
+    output per input, ``(N,)`` or ``(N, 1)``, a binary decision: above 0.5 after a final sigmoid, above
+    0 otherwise), outputs and accuracy (if ``labels``) at the data owner only; time and traffic at both.
     """
     if model_owner == data_owner:
         raise ValueError("model owner and data owner must be different compute parties")
@@ -139,7 +146,7 @@ def private_inference(session: Session, model: SecureModel | torch.nn.Module | N
             x = session.share(mine, owner=data_owner, shape=(stop - start, *shape))
             y = net(x)
             if reveal == "label":
-                y = y.argmax(dim=1)
+                y = (y.reshape(-1) > net.binary_threshold) if _binary(y.shape) else y.argmax(dim=1)
             opened = y.reveal(to=data_owner)
             if opened is not None:
                 outputs.append(opened)
@@ -150,12 +157,16 @@ def private_inference(session: Session, model: SecureModel | torch.nn.Module | N
     if me == data_owner:
         out = torch.cat(outputs)
         if reveal == "label":
-            result.predictions = out.round().long().reshape(n)
+            result.predictions = out.round().long()
         else:
             result.outputs = out
-            result.predictions = out.reshape(n, -1).argmax(dim=1) if out.dim() > 1 else out.round().long()
-        if labels is not None:
-            result.accuracy = float((result.predictions == labels.reshape(-1)).double().mean())
+            result.predictions = ((out.reshape(-1) > net.binary_threshold).long() if _binary(out.shape)
+                                  else out.argmax(dim=1))
+        if labels is not None and labels.numel() == result.predictions.numel():
+            result.accuracy = float((result.predictions == labels.reshape(result.predictions.shape)).double().mean())
+        elif labels is not None:  # e.g. one label per input but a prediction per pixel: keep the predictions
+            warnings.warn(f"no accuracy: {labels.numel()} labels for predictions of shape "
+                          f"{tuple(result.predictions.shape)}", stacklevel=2)
     return result
 
 

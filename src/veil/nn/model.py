@@ -53,6 +53,14 @@ class SecureModel:
     def shared(self) -> bool:
         return any(isinstance(v, SecretTensor) for v in self.params.values())
 
+    @property
+    def binary_threshold(self) -> float:
+        """Where a one-output (binary) classifier's decision flips: 0.5 after a final sigmoid (a
+        probability), else 0 (a logit)."""
+        out = self.graph.nodes[-1].args[0]
+        last = self.graph.node(out.name).op if isinstance(out, Ref) else ""
+        return 0.5 if last == "sigmoid" else 0.0
+
     def __call__(self, *inputs: Any) -> Any:
         return self.forward(*inputs)
 

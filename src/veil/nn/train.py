@@ -120,7 +120,7 @@ def evaluate(session: Session, model: SecureModel, data: Any, *, batch_size: int
         out = model(batch["x"])
         y = batch["y"]
         if out.shape[-1] == 1:  # binary: threshold, compare with the 0/1 label
-            pred = out.reshape(-1) > (0.5 if _last_op(model) == "sigmoid" else 0.0)
+            pred = out.reshape(-1) > model.binary_threshold
             hits = (pred == y.reshape(-1)).sum()
         else:
             labels = y if y.dim() == 1 else (y * torch.arange(y.shape[1], dtype=torch.float64)).sum(1)
@@ -220,11 +220,6 @@ def fit(session: Session, model: SecureModel, data: Any, *, epochs: int, batch_s
             checkpoint.save(session, checkpoint_dir, model=model, optimizer=optimizer, epoch=epoch, run_id=run_id,
                             extra={"seed": seed.hex(), "run_id": run_id, "history": history.as_dicts()})
     return history
-
-
-def _last_op(model: SecureModel) -> str:
-    out = model.graph.nodes[-1].args[0]
-    return model.graph.node(out.name).op if hasattr(out, "name") else ""
 
 
 def _x_shape(data: Any) -> tuple[int, ...]:
