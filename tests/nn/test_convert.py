@@ -51,6 +51,22 @@ def test_training_mode_modules_convert_with_inference_semantics() -> None:
         assert torch.allclose(model(x), module.eval()(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("rank", [2, 3])
+def test_batch_norm_after_linear_is_folded_only_where_its_channels_are_the_linear_outputs(rank: int) -> None:
+    # BatchNorm1d normalises dimension 1, a Linear maps the last: on (N, C, L) with C == out_features
+    # folding would scale the wrong axis; on 2-D outputs (after a flatten) it is exact and saves a round
+    torch.manual_seed(2)
+    head = [nn.Flatten()] if rank == 2 else []
+    module = nn.Sequential(*head, nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU())
+    randomize_batch_norm(module, 2)
+    module.eval()
+    model = from_torch(module)
+    x = torch.randn(6, 4, 1) if rank == 2 else torch.randn(6, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(model(x), module(x), atol=1e-5)
+    assert ("batch_norm" in model.graph.ops()) == (rank == 3)
+
+
 class Unsupported(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -1,7 +1,7 @@
 """Graph rewrites that save work on shares without changing results.
 
-* :func:`fold_batch_norms`: BatchNorm after Linear/Conv2d is folded into that layer's weight and bias
-  (running statistics);
+* :func:`fold_batch_norms`: BatchNorm after Conv2d, or after a Linear whose output is known to be 2-D,
+  is folded into that layer's weight and bias (running statistics);
 * :func:`pool_before_activation`: a monotone activation (ReLU, Sigmoid, Tanh) followed by a max-pool
   is computed after the pool: ``maxpool(relu(x)) == relu(maxpool(x))``, on 4x fewer elements for a
   2x2 pool.
@@ -31,9 +31,32 @@ def _replace_uses(graph: Graph, old: str, new: Any) -> None:
         n.attrs = {k: sub(v) for k, v in n.attrs.items()}
 
 
+SAME_RANK = frozenset({"linear", "batch_norm", "relu", "sigmoid", "tanh", "softmax", "log_softmax", "neg",
+                       "identity"})
+
+
+def known_rank(graph: Graph, value: Any) -> int | None:
+    """The number of dimensions of ``value`` where the graph alone says it (after a flatten or a
+    reshape, through layers that keep the rank), else None (e.g. a graph input)."""
+    while isinstance(value, Ref):
+        node = graph.node(value.name)
+        if node.op == "flatten":
+            start, end = node.attrs.get("start_dim", 0), node.attrs.get("end_dim", -1)
+            return start + 1 if end == -1 and start >= 0 else None
+        if node.op == "reshape":
+            shape = node.args[1] if len(node.args) > 1 else node.attrs.get("shape")
+            return len(shape) if isinstance(shape, (list, tuple)) else None  # sizes may be Refs
+        if node.op not in SAME_RANK:
+            return None
+        value = node.args[0]
+    return None
+
+
 def fold_batch_norms(graph: Graph, values: dict[str, torch.Tensor]) -> tuple[Graph, dict[str, torch.Tensor]]:
     """Fold each ``batch_norm`` that reads a Linear/Conv2d output (used nowhere else) into that layer:
-    ``W' = W * scale`` per output channel, ``b' = b * scale + shift``."""
+    ``W' = W * scale`` per output channel, ``b' = b * scale + shift``. BatchNorm normalises dimension
+    1 and a Linear maps the last one: the two are the same only for 2-D outputs, so a Linear is
+    folded only where its input is known to be 2-D (a BatchNorm1d on ``(N, C, L)`` stays as it is)."""
     values = dict(values)
     for bn in [n for n in graph.nodes if n.op == "batch_norm"]:
         src_ref = bn.args[0]
@@ -41,6 +64,8 @@ def fold_batch_norms(graph: Graph, values: dict[str, torch.Tensor]) -> tuple[Gra
             continue
         src = graph.node(src_ref.name)
         if src.op not in ("linear", "conv2d") or len(graph.users(src.name)) != 1:
+            continue
+        if src.op == "linear" and known_rank(graph, src.args[0]) != 2:
             continue
         w_ref, b_ref = src.args[1], src.args[2]
         if not isinstance(w_ref, Ref) or len(graph.users(w_ref.name)) != 1:
