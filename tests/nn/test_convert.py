@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -65,6 +66,23 @@ def test_batch_norm_after_linear_is_folded_only_where_its_channels_are_the_linea
     with torch.no_grad():
         assert torch.allclose(model(x), module(x), atol=1e-5)
     assert ("batch_norm" in model.graph.ops()) == (rank == 3)
+
+
+class TwoHeads(nn.Module):
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.fc, self.as_dict = nn.Linear(3, 2), as_dict
+
+    def forward(self, x: torch.Tensor) -> Any:
+        y = self.fc(x)
+        return {"logits": y} if self.as_dict else (y, y.relu())
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_model_that_returns_several_values_is_refused_at_conversion(as_dict: bool) -> None:
+    kind = "dict" if as_dict else "tuple"
+    with pytest.raises(UnsupportedModelError, match=rf"TwoHeads cannot be converted: its forward\(\) returns a {kind}"):
+        from_torch(TwoHeads(as_dict))
 
 
 class Unsupported(nn.Module):

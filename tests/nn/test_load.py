@@ -45,6 +45,17 @@ def test_state_dict_round_trip(tmp_path: Path) -> None:
     assert all(torch.equal(v, before[k]) for k, v in architecture.state_dict().items())  # not modified
 
 
+def test_a_batch_norm_state_dict_without_its_step_counter_loads(tmp_path: Path) -> None:
+    # older PyTorch and hand-built files have no num_batches_tracked; PyTorch's strict load accepts them
+    trained = small_net(3)
+    randomize_batch_norm(trained, 3)
+    state = {k: v for k, v in trained.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(state) < len(trained.state_dict())
+    torch.save(state, tmp_path / "old.pt")
+    model = load_model(tmp_path / "old.pt", architecture=small_net(4))
+    torch.testing.assert_close(model(X), reference(trained), atol=TOL, rtol=TOL)
+
+
 @pytest.mark.parametrize("key", ["state_dict", "model_state_dict"])
 def test_checkpoint_wrappers(tmp_path: Path, key: str) -> None:
     trained = small_net(2)

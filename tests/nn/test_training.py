@@ -273,6 +273,18 @@ def test_batch_norm_trains_with_batch_statistics_like_pytorch() -> None:
     assert int(got["1.num_batches_tracked"]) == 2
 
 
+def test_batch_norm_refuses_to_train_on_a_batch_of_one_row() -> None:
+    # PyTorch's "Expected more than 1 value per channel": the variance of one value is 0 and rsqrt would saturate
+    module = _bn_model()
+
+    def program(session: veil.Session) -> Any:
+        net = share_model(session, module if session.party == "bob" else None, owner="bob", training=True)
+        return net(session.share(_randn(36, 1, 2, 5, 5) if session.party == "alice" else None, owner="alice"))
+
+    with pytest.raises(ValueError, match=r"BatchNorm '5': training needs more than one value per channel.*\(1, 5\)"):
+        run_local(program)
+
+
 def test_a_trainable_batch_norm_in_eval_mode_uses_the_running_statistics() -> None:
     module = _bn_model()
     for m in module.modules():

@@ -265,6 +265,11 @@ def from_fx(module: nn.Module, *, training: bool = False) -> tuple[Graph, dict[s
                 except TypeError as e:
                     b.problems.append(f"node '{node.name}' ({what}): {e}")
         elif node.op == "output":
+            if not isinstance(args[0], Ref):
+                raise UnsupportedModelError(
+                    f"{type(module).__name__} cannot be converted: its forward() returns a "
+                    f"{type(args[0]).__name__}, not one tensor (return the output to compute on shares; "
+                    f"wrap the module to pick it)")
             b.emit("output", "output", _to_arg(args[0]))
             continue
         env[node.name] = out

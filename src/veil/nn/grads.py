@@ -313,7 +313,11 @@ def _bn_train_fwd(x: Any, weight: Any, bias: Any, running_mean: Any, running_var
         raise UnsupportedGradientError("training BatchNorm on a public input: share the input")
     nd = x.dim()
     dims = (0, *range(2, nd))
-    count = x.numel() // x.shape[1]
+    count = x.numel() // x.shape[1] if nd > 1 and x.shape[1] else 0
+    if count < 2:
+        raise ValueError(f"BatchNorm {prefix!r}: training needs more than one value per channel, got an "
+                         f"input of shape {tuple(x.shape)} (a batch of one row: choose a batch size that "
+                         f"leaves none, as PyTorch's drop_last)")
     mean = x.mean(dims)
     xc = x - _channel_view(mean, nd)
     var = xc.square().mean(dims)

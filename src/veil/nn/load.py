@@ -171,7 +171,8 @@ def _state_dict(path: Path, content: Any) -> Mapping[str, torch.Tensor]:
 def _load_strict(path: Path, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Every key of the module in the file, no other key, every shape equal: else one error with all."""
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
+    # BatchNorm's step counter is optional, as in PyTorch (older files lack it; inference never reads it)
+    missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k}: file {list(state[k].shape)}, model {list(expected[k].shape)}"
                   for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -185,7 +186,8 @@ def _load_strict(path: Path, module: nn.Module, state: Mapping[str, torch.Tensor
         raise ModelFileError(f"{path}: the state_dict does not fit {type(module).__name__}: "
                              f"{'; '.join(parts)}{hint}")
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict({**{k: v for k, v in expected.items() if k.endswith(".num_batches_tracked")},
+                                **state}, strict=True)
     except RuntimeError as e:  # e.g. a dtype that cannot be copied
         raise ModelFileError(f"{path}: cannot load the state_dict into {type(module).__name__} "
                              f"({_first_line(e)})") from None

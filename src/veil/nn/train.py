@@ -166,6 +166,9 @@ def fit(session: Session, model: SecureModel, data: Any, *, epochs: int, batch_s
                 check_input_shape(model.graph, (1, *shape[1:]))
             except ValueError as e:
                 raise ValueError(f"the {what} data (x of shape {tuple(shape)}): {e}") from None
+    if len(data) % batch_size == 1 and "batch_norm_train" in model.graph.ops():
+        raise ValueError(f"{len(data)} training rows in batches of {batch_size} leave a last batch of one row, "
+                         f"and BatchNorm cannot train on one value per channel: choose another batch size")
     from veil.data.peer import agree_seed
 
     model.train()
