@@ -389,3 +389,61 @@ def test_pow_takes_one_round_per_bit_of_the_exponent() -> None:
     for rounds in run_local(prog).values():
         # one round per bit after the lowest set one, plus the final product: never more than floor(log2 k) + 1
         assert rounds == {2: 1, 5: 3, 13: 4}, rounds
+
+
+# ---- small public factors, PyTorch idioms -----------------------------------------------------------
+def test_a_mean_and_a_division_by_a_large_public_number_keep_full_precision() -> None:
+    # 1/n at 16 fractional bits alone is n 2^-17 off, relatively (7% for n = 10,000): small factors get
+    # as many significant bits as 1 has
+    x = torch.full((100, 100), 3.0, dtype=torch.float64)
+    out = secure_eval(lambda a: {"mean": a.mean(), "rows": a.mean(1), "div": a / 1000.0, "mul": a * 1e-3,
+                                 "pool": a.reshape(1, 1, 100, 100).avg_pool2d(10)}, x)
+    assert_close(out["mean"], torch.tensor(3.0, dtype=torch.float64), 2 * ULP, "mean of 10,000")
+    assert_close(out["rows"], torch.full((100,), 3.0, dtype=torch.float64), 2 * ULP, "mean over rows")
+    assert_close(out["div"], torch.full((100, 100), 0.003, dtype=torch.float64), 2 * ULP, "x / 1000")
+    assert_close(out["mul"], torch.full((100, 100), 0.003, dtype=torch.float64), 2 * ULP, "x * 1e-3")
+    assert_close(out["pool"], torch.full((1, 1, 10, 10), 3.0, dtype=torch.float64), 2 * ULP, "avg_pool2d(10)")
+
+
+def test_pytorch_idioms_behave_as_in_pytorch() -> None:
+    import numpy as np
+
+    x = torch.tensor([[0.0, -2.0, 3.0], [1.0, 4.0, 0.5]], dtype=torch.float64)
+
+    def fn(a: veil.SecretTensor) -> dict[str, object]:
+        best = a.max(dim=1)
+        scalar = a[0, 2].max(dim=0)
+        return {"numpy_left": np.float64(2.0) * a, "numpy_array_left": np.array([1.0, 2.0, 3.0]) + a,
+                "rdiv": 2.0 / a[:, 1:].abs(), "values": best.values, "indices": best.indices,
+                "scalar": (scalar.values, scalar.indices), "sign": a.sign(),
+                "sum_keepdim": a.sum(dim=None, keepdim=True),
+                "conv_unbatched": a.reshape(1, 2, 3).conv2d(torch.full((2, 1, 1, 1), 0.5)),
+                "softmax_0d": a[1, 1].softmax(0)}
+
+    out = secure_eval(fn, x)
+    assert_close(out["numpy_left"], 2 * x, EXACT, "np.float64 * x")
+    assert_close(out["numpy_array_left"], x + torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), EXACT, "array + x")
+    assert_close(out["rdiv"], 2.0 / x[:, 1:].abs(), 1e-3 * 4, "2 / x")
+    assert torch.equal(out["values"], x.max(dim=1).values)
+    assert torch.equal(out["indices"], x.max(dim=1).indices.double())
+    assert out["scalar"][0].shape == () and float(out["scalar"][0]) == 3.0 and float(out["scalar"][1]) == 0.0
+    assert torch.equal(out["sign"], x.sign())  # 0 at 0
+    assert out["sum_keepdim"].shape == (1, 1) and float(out["sum_keepdim"]) == float(x.sum())
+    want = F.conv2d(x.reshape(1, 2, 3), torch.full((2, 1, 1, 1), 0.5, dtype=torch.float64))
+    assert_close(out["conv_unbatched"], want, TRUNC_ATOL, "conv2d on (C, H, W)")
+    assert out["softmax_0d"].shape == () and abs(float(out["softmax_0d"]) - 1.0) < 1e-3
+
+
+def test_bad_reductions_and_convolutions_fail_at_once_with_their_shapes() -> None:
+    def fn(a: veil.SecretTensor, w: veil.SecretTensor) -> list[str]:
+        errors = []
+        for call in (lambda: a[:0].max(), lambda: a.conv2d(w)):
+            try:
+                call()
+            except ValueError as e:
+                errors.append(str(e))
+        return errors
+
+    errors = secure_eval(fn, torch.ones(1, 3, 5, 5), torch.ones(2, 4, 3, 3))
+    assert errors[0] == "max of an empty SecretTensor (shape (0, 3, 5, 5))"
+    assert errors[1].startswith("conv2d: input (1, 3, 5, 5) and weight (2, 4, 3, 3) do not fit with groups=1")

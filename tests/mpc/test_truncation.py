@@ -80,20 +80,17 @@ def _exp(session: veil.Session, x: torch.Tensor) -> Any:
 
 
 @pytest.mark.parametrize("mode", ["local", "exact"])
-def test_exp_squarings_are_truncated_exactly_under_the_exact_option(mode: str) -> None:
+def test_exp_truncates_exactly_the_squarings_local_truncation_would_get_wrong(mode: str) -> None:
     # At 24 fractional bits exp squares values near 1 at 2 (24 + 3) = 54 bits, where a local
-    # truncation fails with probability ~2^-10 per squaring: 20,000 elements x 9 squarings fail often.
-    # (At the default 16 bits the same failure has probability ~2^-26: rare, but a LeNet epoch's
-    # softmaxes square ~10^7 values.)
+    # truncation would fail with probability ~2^-10 per squaring (20,000 elements x 9 squarings: often).
+    # exp sees it from the precision and truncates those squarings exactly in either mode; at the
+    # default 16 bits and x <= 5 they stay local (below 2^39: failure < 2^-25).
     g = torch.Generator().manual_seed(7)
     x = torch.round(-4 * torch.rand(N, generator=g, dtype=torch.float64) * 2**24) / 2**24
     options = veil.SessionOptions(truncation=mode).replace(precision=24)
-    (got, rounds), (_, local_rounds) = (run_local(_exp, x, options=o)["alice"]
-                                        for o in (options, options.replace(truncation="local")))
-    failures = int(((got - x.exp()).abs() > 1.0).sum())
-    if mode == "local":
-        assert failures > 10, f"expected local truncation to fail here, got {failures} failures"
-    else:
-        assert failures == 0
-        assert float((got - x.exp()).abs().max()) < 1e-3
-        assert rounds == local_rounds + 9  # t^2 and the 8 squarings: one truncation round each
+    got, rounds = run_local(_exp, x, options=options)["alice"]
+    assert int(((got - x.exp()).abs() > 1.0).sum()) == 0
+    assert float((got - x.exp()).abs().max()) < 1e-3
+    assert rounds == 18  # t^2 and the 8 squarings: one square and one truncation round each
+    _, rounds16 = run_local(_exp, x, options=veil.SessionOptions(truncation=mode))["alice"]
+    assert rounds16 == (18 if mode == "exact" else 12)  # local at 16 bits: e^5 and up are exact

@@ -72,7 +72,11 @@ def output_shape(op: str, shape_x: Shape, shape_y: Shape, kwargs: dict[str, Any]
             out = out[:-1]
         return tuple(out)
     if op == "conv2d" and not isinstance(kwargs.get("padding", 0), str) and len(shape_x) == 4:
-        (n, _, h, w), (c_out, _, kh, kw) = shape_x, shape_y
+        (n, c_in, h, w), (c_out, c_in_g, kh, kw) = shape_x, shape_y
+        groups = int(kwargs.get("groups", 1))
+        if c_in != c_in_g * groups or c_out % groups:
+            raise ValueError(f"conv2d: input {tuple(shape_x)} and weight {tuple(shape_y)} do not fit with "
+                             f"groups={groups} (the input needs {c_in_g * groups} channels)")
         (sh, sw), (ph, pw) = _pair(kwargs.get("stride", 1)), _pair(kwargs.get("padding", 0))
         dh, dw = _pair(kwargs.get("dilation", 1))
         return (n, c_out, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)

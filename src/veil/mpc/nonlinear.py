@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -80,9 +80,12 @@ def clamp(x: SecretTensor, lo: float | None = None, hi: float | None = None) -> 
 
 
 def sign(x: SecretTensor) -> SecretTensor:
-    """-1 for negative, +1 otherwise (0 counts as positive)."""
-    bit, _ = x.protocol.msb(x.share)
-    return _lift(-2 * bit, x) + 1
+    """-1, 0 or +1 as ``torch.sign``: ``[x > 0] - [x < 0]``, both sign bits (of ``x`` and ``-x``) in
+    one call."""
+    flat = x.share.reshape(-1)
+    bits, _ = x.protocol.msb(torch.cat([flat, -flat]))
+    n = flat.numel()
+    return _lift((bits[n:] - bits[:n]).reshape(x.share.shape), x)
 
 
 def where(cond: Any, a: Any, b: Any) -> SecretTensor:
@@ -182,18 +185,32 @@ def _row_max(vals: torch.Tensor, x: SecretTensor, want_index: bool) -> tuple[tor
     return _tournament(vals, idx, x.protocol)
 
 
+class MaxResult(NamedTuple):
+    """``(values, indices)`` of :func:`max` with a ``dim``, as ``torch.return_types.max``."""
+
+    values: SecretTensor
+    indices: SecretTensor
+
+
 def max(x: SecretTensor, dim: int | None = None, keepdim: bool = False) -> Any:
     """Maximum over ``dim`` (all elements when None). With ``dim``, returns ``(values, indices)`` like
-    ``torch.max``: indices are secret (fixed-point integers), the first maximum wins ties."""
+    ``torch.max`` (also as ``.values``, ``.indices``): indices are secret (fixed-point integers), the
+    first maximum wins ties."""
+    if x.numel() == 0:
+        raise ValueError(f"max of an empty SecretTensor (shape {tuple(x.shape)})")
     if dim is None:
         vals, _ = _row_max(x.share.reshape(-1), x, False)
         return x._new(vals)
+    if x.dim() == 0:  # as torch: the value itself, index 0
+        if dim not in (0, -1):
+            raise IndexError(f"dim {dim} out of range for a 0-d SecretTensor (expected 0 or -1)")
+        return MaxResult(x, x._new(torch.zeros_like(x.share)))
     d = dim % x.dim()
     vals, ids = _row_max(x.share.movedim(d, -1), x, True)
     assert ids is not None
     if keepdim:
         vals, ids = vals.unsqueeze(d), ids.unsqueeze(d)
-    return x._new(vals), x._new(ids)
+    return MaxResult(x._new(vals), x._new(ids))
 
 
 def amax(x: SecretTensor, dim: int, keepdim: bool = False) -> SecretTensor:

@@ -7,6 +7,7 @@ shows its shape and owner, never a value.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +25,26 @@ def _is_integral(v: Any) -> bool:
     return isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and v.dtype != torch.bool
 
 
+def _extra_bits(factor: torch.Tensor, frac_bits: int) -> int:
+    """Fractional bits to add to a public factor whose largest magnitude is below 1/2, so that it is
+    encoded with about ``frac_bits`` significant bits (at ``frac_bits`` alone, 1/1000 would be 66
+    units, 0.7% off): ``k = floor(-log2 max|c|)``, at most ``frac_bits``. The product ``x * c * 2^k``
+    is no larger than ``x`` itself, so it is computed and truncated (by ``frac_bits + k``) within the
+    range of a product by a factor of magnitude <= 1."""
+    if not factor.dtype.is_floating_point or factor.numel() == 0:
+        return 0
+    peak = float(factor.abs().max())
+    if not 0 < peak < 0.5 or not math.isfinite(peak):
+        return 0
+    return min(frac_bits, math.floor(-math.log2(peak)))
+
+
 class SecretTensor:
     __slots__ = ("dtype", "grad_fn", "owner", "session", "share")
     __hash__ = object.__hash__
+    # numpy scalars and arrays on the left (``np.float64(2) * x``) defer to our reflected operators
+    __array_ufunc__ = None
+    __array_priority__ = 1000
 
     def __init__(self, share: torch.Tensor, session: Session, *, dtype: torch.dtype = torch.float32,
                  owner: str | None = None) -> None:
@@ -131,6 +149,10 @@ class SecretTensor:
         fn = BILINEAR_OPS[op]
         if _is_integral(o) and op == "mul":
             return self._new(fn(self.share, o.to(torch.int64).to(self.device), **kwargs))
+        extra = _extra_bits(o, f) if op == "mul" else 0
+        if extra:  # a small factor (1/n of a mean, a division): encoded with as many significant bits as 1
+            code = self.session.fixed_point.encode(o.to(torch.float64) * 2.0 ** extra, what="a public operand")
+            return self._new(self.protocol.truncate(fn(self.share, code.to(self.device)), f + extra))
         z = fn(self.share, self._encode(o), **kwargs)
         return self._new(self.protocol.truncate(z, f))
 
@@ -169,9 +191,17 @@ class SecretTensor:
             raise ZeroDivisionError("division of a SecretTensor by a public zero")
         return self * (1.0 / d)
 
+    def __rtruediv__(self, other: Any) -> SecretTensor:
+        """``other / self``: ``other * self.reciprocal()``, for ``self`` in the reciprocal's default
+        domain (as ``x / y`` with a secret ``y``; for another domain use ``other * y.reciprocal(domain)``)."""
+        return self.reciprocal() * other
+
     def conv2d(self, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
                groups: int = 1) -> SecretTensor:
-        """``F.conv2d`` with a secret input and a secret or public weight (and bias)."""
+        """``F.conv2d`` with a secret input and a secret or public weight (and bias); an unbatched
+        ``(C, H, W)`` input gives a ``(C_out, H', W')`` output, as in PyTorch."""
+        if self.dim() == 3:
+            return self.unsqueeze(0).conv2d(weight, bias, stride, padding, dilation, groups).squeeze(0)
         out = self._bilinear(weight, "conv2d", stride=stride, padding=padding, dilation=dilation, groups=groups)
         if bias is not None:
             out = out + (bias.reshape(1, -1, 1, 1) if isinstance(bias, SecretTensor)
@@ -193,7 +223,8 @@ class SecretTensor:
     # ---- reductions --------------------------------------------------------------------------
     def sum(self, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> SecretTensor:
         if dim is None:
-            return self._new(self.share.sum())
+            total = self.share.sum()
+            return self._new(total.reshape([1] * self.dim()) if keepdim else total)
         dims = dim if isinstance(dim, int) else tuple(dim)
         return self._new(self.share.sum(dim=dims, keepdim=keepdim))
 
@@ -317,8 +348,10 @@ class SecretTensor:
     def avg_pool2d(self, kernel_size: Any, stride: Any = None, padding: Any = 0) -> SecretTensor:
         return _nl().avg_pool2d(self, kernel_size, stride, padding)
 
-    def exp(self) -> SecretTensor:
-        return _ap().exp(self)
+    def exp(self, upper: float | None = None) -> SecretTensor:
+        """``e^x`` for x in [-500, upper] (``upper``: a public bound on x, at most 20; see
+        :func:`veil.mpc.approx.exp`)."""
+        return _ap().exp(self, upper)
 
     def log(self) -> SecretTensor:
         return _ap().log(self)

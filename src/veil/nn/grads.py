@@ -128,7 +128,8 @@ def _log_softmax_fwd(x: Any, *, dim: int) -> tuple[Any, Ctx]:
 
 @backward_rule("log_softmax")
 def _log_softmax_back(ctx: Ctx, g: Any, want: list[bool], *, dim: int) -> tuple[Any, ...]:
-    p = ctx["y"].exp()
+    y = ctx["y"]
+    p = y.exp(upper=0.0) if is_secret(y) else y.exp()  # y <= 0: a log-probability
     return (g - p * g.sum(dim, keepdim=True),)
 
 

@@ -143,7 +143,7 @@ class NLLLoss:
             raise LossError("NLLLoss needs a model whose last layer is LogSoftmax (or use CrossEntropyLoss)")
         t = _target(target, log_probs, "NLLLoss", classes=True)
         n = _n(log_probs, True)
-        p = log_probs.exp()
+        p = log_probs.exp(upper=0.0) if isinstance(log_probs, SecretTensor) else log_probs.exp()
         return Loss(tape, node.args[0].name, p - t, lambda: -mul(t, log_probs).sum() * (1.0 / n), 1.0 / n)
 
 

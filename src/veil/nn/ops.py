@@ -114,7 +114,7 @@ def log_softmax(x: Any, *, dim: int) -> Any:
     if not is_secret(x):
         return F.log_softmax(x, dim)
     shifted = x - x.amax(dim, keepdim=True)
-    return shifted - shifted.exp().sum(dim, keepdim=True).log()
+    return shifted - shifted.exp(upper=0.0).sum(dim, keepdim=True).log()
 
 
 # ---- pooling -------------------------------------------------------------------------------------
