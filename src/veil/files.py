@@ -144,3 +144,70 @@ def read_sealed(path: str | Path, magic: bytes, version: int, *, what: str,
     except OSError as e:
         raise error(f"{path}: cannot read the {what}: {e}") from None
     return SealedFile(header, problem, SEALED_PREAMBLE.size + hlen, size, ok)
+
+
+def torch_load_problem(e: BaseException) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused a file, without torch's advice to
+    turn the safe loader off (which would run code from the file)."""
+    text = str(e).strip()
+    if "Weights only load failed" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0] if (
+            "WeightsUnpickler error:" in text) else ""
+        return "not a file written by torch.save, or a damaged one" + (f" ({detail})" if detail else "")
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_digest(obj: Any) -> str:
+    """Hex SHA-256 of a checkpoint-like object (dicts, lists, tensors, numbers, strings), independent of
+    how ``torch.save`` laid it out: a checkpoint stores it and checks it on loading, so that a bit flipped
+    inside a tensor (which ``torch.load`` does not notice) is caught."""
+    import torch
+
+    digest = hashlib.sha256()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            digest.update(b"{%d" % len(v))
+            for k in sorted(v, key=repr):
+                digest.update(repr(k).encode())
+                walk(v[k])
+        elif isinstance(v, (list, tuple)):
+            digest.update(b"[%d" % len(v))
+            for x in v:
+                walk(x)
+        elif isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(v).encode())
+
+    walk(obj)
+    return digest.hexdigest()
+
+
+def check_output(path: str | Path | None, *, directory: bool = False, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be written, before any work: a directory where a file goes
+    (or the reverse), or a parent that is a file. ValueError naming ``flag`` and the path."""
+    if path is None:
+        return
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: is a file, not a directory")
+    if not directory and path.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory; give a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+            break

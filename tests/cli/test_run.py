@@ -67,3 +67,11 @@ def test_a_failing_program_exits_1_with_the_party_and_the_cause(tmp_path: Path, 
     err = capsys.readouterr().err
     assert "the program failed" in err and "boom in the program" in err
     assert "party 'alice' failed" in err or "party 'bob' failed" in err
+
+
+def test_veil_run_names_the_line_of_a_script_that_does_not_parse(tmp_path: Path, capsys) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text("import torch\n\ndef main(session: raise\n")
+    assert veil_main(["run", str(script)]) == 1
+    err = capsys.readouterr().err
+    assert "broken.py line 3: invalid syntax (the script does not parse)" in err and "Traceback" not in err

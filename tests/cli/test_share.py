@@ -79,6 +79,19 @@ def test_vertical_split_by_columns_with_one_label_owner(data: dict[str, Path], t
         ("alice", "x", (0, 4)), ("bob", "x", (4, 6)), ("bob", "y", None)}
 
 
+def test_data_files_that_are_not_numeric_archives_are_named(tmp_path: Path) -> None:
+    from veil.data.images import DatasetError
+
+    np.savez(tmp_path / "words.npz", x=np.array(["a", "b"]), y=np.array([0, 1]))
+    (tmp_path / "pem.npz").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n")
+    with pytest.raises(DatasetError, match="words.npz: cannot read the dataset"):
+        share._load_npz(tmp_path / "words.npz")
+    with pytest.raises(DatasetError, match=r"pem.npz: not a .npz archive"):
+        share._load_npz(tmp_path / "pem.npz")
+    with pytest.raises(DatasetError, match="is a directory, not a file"):
+        share._load_npz(tmp_path)
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     ([], "needs the data of at least one owner"),
     (["--data", "DATA"], "--data is for one party of a multi-host run"),

@@ -68,11 +68,16 @@ def test_train_then_resume_reveals_to_the_chosen_parties_and_saves_weights(
     (["--out", "w.pt"], "--out needs --weights-to"),
     (["--arch", "resnet"], "unknown architecture 'resnet'"),
     (["--name", "nosuch"], "no such share file"),
+    (["--epochs", "0"], "--epochs must be positive, got 0"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--checkpoint-dir", "digitnet_for_tests.py"], "is a file, not a directory"),
+    (["--out", "shares", "--weights-to", "alice"], "--out"),
 ])
 def test_bad_arguments_exit_1_with_the_cause(workdir: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
                                              message: str) -> None:
     base = ["train", "--arch", "digitnet_for_tests:DigitNet", "--shares", str(workdir / "shares"), "--name", "digits",
             "--no-progress", "--timeout", "20"]
+    argv = [str(workdir / v) if v in ("digitnet_for_tests.py", "shares") else v for v in argv]
     for flag, value in zip(argv[::2], argv[1::2]):
         if flag in base:
             base[base.index(flag) + 1] = value
@@ -121,3 +126,24 @@ def test_a_killed_training_resumes_to_the_weights_of_an_uninterrupted_run(workdi
     for k in a:  # the same batches from the same state: only the +-1 ulp truncations differ (a few ulps
         # after 225 steps; a lost or repeated epoch, or a wrong state, moves weights by 0.1 and more)
         assert float((a[k] - b[k]).abs().max()) < 5e-3, k
+
+
+def test_resuming_with_another_optimizer_or_bad_labels_is_refused(workdir: Path, capsys: pytest.CaptureFixture[str]
+                                                                   ) -> None:
+    ckpt = str(workdir / "ckpt-opt")
+    base = ["train", "--arch", "digitnet_for_tests:DigitNet", "--shares", str(workdir / "shares"), "--name", "test",
+            "--no-progress", "--checkpoint-dir", ckpt]
+    assert veil_main([*base, "--epochs", "1"]) == 0
+    assert veil_main([*base, "--epochs", "2", "--resume", "--optimizer", "adam"]) == 1
+    assert "saved with optimizer SGD, this run uses Adam" in capsys.readouterr().err
+    # labels that are not class indices of the model's 10 classes: refused before training, on shares
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(size=(40, 64)).astype(np.float32)
+    y = np.arange(40) % 10
+    y[[3, 17]] = [12, -1]
+    np.savez(workdir / "badlabels.npz", x=x, y=y)
+    assert veil_main(["share", "--name", "bad", "--out", str(workdir / "shares"), "--data-alice",
+                      str(workdir / "badlabels.npz")]) == 0
+    assert veil_main([*base[:5], "--name", "bad", "--no-progress", "--epochs", "1"]) == 1
+    assert "2 of the 40 training labels are not class indices in [0, 10)" in capsys.readouterr().err

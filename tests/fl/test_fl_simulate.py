@@ -129,3 +129,11 @@ def test_under_secagg_the_server_sees_no_single_update(monkeypatch):
         assert v.max() > 2 ** 31  # masked values spread over the whole 2^32 ring
         for u in updates:
             assert abs(np.corrcoef(v, u)[0, 1]) < 0.1
+
+
+def test_more_clients_per_round_than_clients_is_refused():
+    from veil.fl.apps import FLError, RoundRecorder, make_strategy
+
+    task = _task([range(100 * i, 100 * (i + 1)) for i in range(2)])
+    with pytest.raises(FLError, match="clients_per_round is 5, but the task has only 2 clients"):
+        make_strategy(task, ServerSettings(rounds=1, clients_per_round=5), RoundRecorder())

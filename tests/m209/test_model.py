@@ -123,6 +123,14 @@ def test_training_refuses_overwrite_and_resumes(tiny, tmp_path, capsys):
                      checkpoint=ckpt, progress=False)
     with pytest.raises(ValueError, match="only 200 letters"):
         train_pinnet(packed, TrainConfig(letters=300, max_steps=1), out=tmp_path / "b.pt", progress=False)
+    # a weight altered in the checkpoint (torch.load would not notice) is refused by its digest
+    blob = torch.load(ckpt, weights_only=True)
+    name = next(k for k, v in blob["model"].items() if v.is_floating_point() and v.numel() > 1)
+    blob["model"][name].view(-1)[0] += 1.0
+    torch.save(blob, ckpt)
+    with pytest.raises(ValueError, match="SHA-256 digest mismatch: the checkpoint was altered or damaged"):
+        train_pinnet(packed, TrainConfig(letters=52, max_steps=40, eval_every=10, val_keys=200),
+                     out=tmp_path / "a.pt", checkpoint=ckpt, progress=False)
 
 
 def test_attack_cli_recovers_a_key_with_a_shipped_model(capsys):

@@ -239,3 +239,16 @@ def test_frames_on_the_wire_are_not_the_plaintext(pki: dict[str, Path]) -> None:
     res = _session(["alice", "bob"], {"alice": pki["honest"], "bob": pki["honest"]}, body=body)
     assert res["alice"] == secret
     assert len(seen) >= len(secret) and b"the secret payload" not in seen
+
+
+def test_a_private_key_of_another_party_is_named_with_its_files(tmp_path: Path) -> None:
+    from veil.net.certs import load_credentials
+    from veil.net.tls import tls_contexts
+
+    generate_certificates(["alice", "bob", "dealer"], tmp_path)
+    shutil.copy(tmp_path / "bob.key", tmp_path / "alice.key")
+    with pytest.raises(PartyError, match=r"alice.pem / .*alice.key: the private key does not belong to the certificate"):
+        tls_contexts(load_credentials(tmp_path, "alice"))
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    with pytest.raises(PartyError, match=r"ca.pem: not a readable CA certificate in PEM"):
+        tls_contexts(load_credentials(tmp_path, "alice"))

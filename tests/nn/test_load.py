@@ -56,6 +56,31 @@ def test_a_batch_norm_state_dict_without_its_step_counter_loads(tmp_path: Path) 
     torch.testing.assert_close(model(X), reference(trained), atol=TOL, rtol=TOL)
 
 
+def test_weights_altered_after_veil_wrote_them_are_refused_by_the_sidecar_digest(tmp_path: Path) -> None:
+    import json
+
+    from veil.files import file_sha256
+
+    path = save_state_dict(small_net(5), tmp_path / "net.pt")
+    (tmp_path / "net.json").write_text(json.dumps({"weights": "net.pt", "sha256": file_sha256(path)}))
+    load_model(path, architecture=small_net(6))  # intact: loads
+    state = torch.load(path, weights_only=True)
+    state["4.bias"][0] += 0.5  # one weight changed: torch.load itself would not notice a flipped bit
+    torch.save(state, path)
+    with pytest.raises(ModelFileError, match="SHA-256 digest mismatch with net.json"):
+        load_model(path, architecture=small_net(6))
+
+
+def test_a_foreign_file_named_pt_is_named_without_torchs_advice(tmp_path: Path) -> None:
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    (tmp_path / "x.npy").rename(tmp_path / "x.pt")
+    with pytest.raises(ModelFileError, match="not a file written by torch.save") as err:
+        load_model(tmp_path / "x.pt", architecture=small_net(0))
+    assert "weights_only" not in str(err.value)
+
+
 @pytest.mark.parametrize("key", ["state_dict", "model_state_dict"])
 def test_checkpoint_wrappers(tmp_path: Path, key: str) -> None:
     trained = small_net(2)

@@ -140,3 +140,13 @@ def test_owners_must_differ_and_exist() -> None:
         run_local(lambda s: private_inference(s, None, None, model_owner="bob", data_owner="bob"))
     with pytest.raises(ValueError, match="'carol' is not a compute party"):
         run_local(lambda s: private_inference(s, None, None, model_owner="carol", data_owner="bob"))
+
+
+def test_labels_that_are_not_class_indices_are_refused_or_get_no_accuracy() -> None:
+    module = small_cnn()
+    images = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match=r"1 label\(s\) are not class indices \(e.g. -1\)"):
+        run_local(_program, from_torch(module), images, torch.tensor([0, 1, -1, 2]), 4, "logits")
+    with pytest.warns(UserWarning, match="no accuracy: label 11 is not one of the model's 4 classes"):
+        alice = run_local(_program, from_torch(module), images, torch.tensor([0, 1, 11, 2]), 4, "logits")["alice"]
+    assert alice.accuracy is None and alice.predictions.shape == (4,)

@@ -235,9 +235,11 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _decrypt(args: argparse.Namespace) -> int:
+    from veil.files import check_output
     from veil.he import ciphertexts
     from veil.he.keys import load_keys
 
+    check_output(args.out)
     keys = load_keys(args.keys)
     logits = ciphertexts.decrypt(keys, ciphertexts.load(args.inp, keys))
     labels = None

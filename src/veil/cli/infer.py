@@ -58,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
     if local and (args.model is None or args.data is None):
         raise ValueError("a local run needs both --model and --data")
     if args.model is not None and not Path(args.model).is_file():
-        raise ValueError(f"--model {args.model}: no such file")
+        what = "is a directory, not a model file" if Path(args.model).is_dir() else "no such file"
+        raise ValueError(f"--model {args.model}: {what}")
+    from veil.files import check_output
+
+    check_output(args.out)
     job = InferenceJob(model=args.model, data=args.data, architecture=args.arch, trust_pickle=args.trust_pickle,
                        split=args.split, limit=args.limit, mnist_path=args.mnist_path, batch_size=args.batch_size,
                        reveal=args.reveal, model_owner=args.model_owner, data_owner=args.data_owner,

@@ -141,7 +141,11 @@ def _load_npz(path: Path, split: str = "train") -> tuple[torch.Tensor, torch.Ten
     from veil.data.images import DatasetError
 
     if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
+        raise DatasetError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'no such file'}")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(f"{path}: not a .npz archive (numpy.savez writes one)")
     try:
         with np.load(path, allow_pickle=False) as z:
             xk = next((k for k in ("x", "images") if k in z.files), None)
@@ -158,7 +162,7 @@ def _load_npz(path: Path, split: str = "train") -> tuple[torch.Tensor, torch.Ten
             y = None if yk is None else torch.from_numpy(np.asarray(z[yk]))
     except DatasetError:
         raise
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, TypeError) as e:  # TypeError: e.g. strings, not numbers
         raise DatasetError(f"{path}: cannot read the dataset: {e}") from None
     if x.dim() < 1 or len(x) == 0:
         raise DatasetError(f"{path}: features need shape (N, ...) with N >= 1, got {tuple(x.shape)}")

@@ -86,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
                          "or --dp --data ... for DP-SGD on your own data")
     local = check_party_arguments(args)
     job = TrainingJob(arch=args.arch, shares=args.shares, name=args.name, test_name=args.test_name, init=args.init,
-                      model_owner=args.model_owner, epochs=args.epochs or 1, batch_size=args.batch_size or 64,
-                      optimizer=args.optimizer, lr=args.lr or 0.05, momentum=args.momentum or 0.0,
+                      model_owner=args.model_owner, epochs=_given(args.epochs, 1),
+                      batch_size=_given(args.batch_size, 64),
+                      optimizer=args.optimizer, lr=_given(args.lr, 0.05), momentum=_given(args.momentum, 0.0),
                       weight_decay=args.weight_decay,
                       loss=args.loss, classes=args.classes, reveal_to=_parties(args.reveal_to),
                       weights_to=_parties(args.weights_to), loss_every=args.loss_every,
@@ -97,3 +98,8 @@ def run(args: argparse.Namespace) -> int:
     job.check()
     return run_parties("train", run_training, job, args, show=lambda party, summary: _print(summary, args.json),
                        options=SessionOptions(truncation=args.truncation), failure="training failed")
+
+
+def _given(value: Any, default: Any) -> Any:
+    """The option's value, its default only when it was not given (0 is a value, refused by the job's check)."""
+    return default if value is None else value

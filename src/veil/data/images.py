@@ -17,10 +17,13 @@ Images are returned as float32 ``(N, ...)`` tensors, labels as int64 ``(N,)`` or
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from veil.files import torch_load_problem
 
 NAMED = ("mnist", "digits")
 DIGITS_TRAIN = 1400  # load_pixels' train/test split of the 1,797 digits
@@ -108,8 +111,8 @@ def _from_file(path: Path, split: str = "test") -> tuple[torch.Tensor, torch.Ten
             raise DatasetError(f"{path}: unknown dataset format {suffix!r} (use .npz, .npy or .pt)")
     except DatasetError:
         raise
-    except (OSError, ValueError, RuntimeError, EOFError) as e:
-        raise DatasetError(f"{path}: cannot read the dataset: {e}") from None
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise DatasetError(f"{path}: cannot read the dataset: {torch_load_problem(e)}") from None
     if x.dim() < 2 or len(x) == 0:
         raise DatasetError(f"{path}: images need shape (N, ...) with N >= 1, got {tuple(x.shape)}")
     if y is not None:

@@ -48,6 +48,7 @@ from veil.data.sharefile import (  # noqa: F401 - re-exported: the file format's
     _write,
     verify_file,
 )
+from veil.files import check_output
 from veil.mpc.tensor import SecretTensor
 from veil.net.transport import PartyError
 
@@ -82,7 +83,7 @@ def share_dataset(session: Session, data: Mapping[str, Any] | None, *, split: st
     try:
         _check_args(session, split, owners, name)
         tensors = _check_data(session, data, tuple(owners))
-        Path(out).mkdir(parents=True, exist_ok=True)
+        check_output(out, directory=True)  # created once both parties' checks passed: no empty leftover
         plan: dict[str, Any] = {
             "name": name, "split": split, "owners": list(owners), "frac_bits": session.fixed_point.frac_bits,
             "fields": {k: {"shape": list(t.shape), "dtype": _kind(t)} for k, t in tensors.items()} or None}
@@ -107,6 +108,7 @@ def share_dataset(session: Session, data: Mapping[str, Any] | None, *, split: st
                          frac_bits=session.fixed_point.frac_bits, fields=fields, contributions=contributions,
                          created=_get(first, "created", str))
     header = ShareHeader.from_dict(header.to_dict())  # exactly what a reader accepts
+    Path(out).mkdir(parents=True, exist_ok=True)
     path = Path(out) / f"{name}.{session.party}{SUFFIX}"
     _write(path, header, _share_chunks(session, header, tensors))
     return path

@@ -23,7 +23,7 @@ from torch import nn
 from veil.dp.sgd_accounting import DPTrainingError, quiet_opacus
 from veil.dp.train import DPSGDConfig, EpochRecord
 from veil.dp.views import ViewCrossEntropy
-from veil.files import atomic_writer
+from veil.files import atomic_writer, torch_load_problem
 from veil.randomness import torch_generator
 
 CHECKPOINT_FORMAT = "veil-dp-checkpoint/1"
@@ -177,7 +177,7 @@ class DPStepper:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise DPTrainingError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to "
+            raise DPTrainingError(f"checkpoint {path} is unreadable ({torch_load_problem(e)}); delete it to "
                                   "start over") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise DPTrainingError(f"{path} is not a Veil DP-SGD checkpoint")

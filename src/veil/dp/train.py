@@ -50,7 +50,7 @@ from torch import nn
 
 from veil.dp.composition import validate_delta, validate_epsilon
 from veil.dp.sgd_accounting import ACCOUNTANTS, DPTrainingError, calibrate_noise, quiet_opacus, spent_epsilon
-from veil.files import atomic_writer
+from veil.files import atomic_writer, torch_load_problem
 from veil.nn.zoo import evaluate
 
 MODEL_FORMAT = "veil-dp-model/1"
@@ -314,7 +314,7 @@ def load_dp_model(path: str | Path, model: nn.Module | None = None) -> dict[str,
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise DPTrainingError(f"{path}: not a readable DP model file ({type(e).__name__}: {e})") from None
+        raise DPTrainingError(f"{path}: not a readable DP model file ({torch_load_problem(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise DPTrainingError(f"{path}: not a Veil DP model file (format {MODEL_FORMAT} expected)")
     if model is not None:

@@ -248,7 +248,9 @@ def make_strategy(task: FLTask, settings: ServerSettings, recorder: RoundRecorde
     from flwr.common import ndarrays_to_parameters
     from flwr.server.strategy import FedAdam, FedAvg, FedProx
 
-
+    if settings.clients_per_round is not None and settings.clients_per_round > task.num_clients:
+        raise FLError(f"clients_per_round is {settings.clients_per_round}, but the task has only "
+                      f"{task.num_clients} clients")
     per_round = min(settings.clients_per_round or task.num_clients, task.num_clients)
     initial = get_weights(build_model(task.model))
     if initial_weights is not None:

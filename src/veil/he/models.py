@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from veil.files import torch_load_problem
+
 
 class HEError(ValueError):
     """A model, key, parameter set or ciphertext that homomorphic evaluation cannot take."""
@@ -231,7 +233,7 @@ def load_he_model(path: str | Path, *, architecture: str | None = None,
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a bad file
-        raise HEError(f"{path}: not a PyTorch weights file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise HEError(f"{path}: not a PyTorch weights file ({torch_load_problem(e)})") from None
     if isinstance(content, dict) and content.get("format") == MODEL_FORMAT:
         if content.get("arch") != "he_lenet":
             raise HEError(f"{path}: unknown architecture {content.get('arch')!r}")

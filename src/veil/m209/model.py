@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from veil.files import atomic_writer
+from veil.files import atomic_writer, torch_load_problem
 from veil.m209.machine import GUIDE_OFFSETS, LUG_PAIRS, NUM_BARS, NUM_PINS, NUM_WHEELS, WHEEL_SIZES, WHEEL_STARTS
 
 LUG_CLASSES = NUM_BARS + 1  # a lug-pair count is 0..27
@@ -167,7 +167,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a damaged or foreign file
-        raise ModelFileError(f"{path}: not a readable PinNet file ({type(e).__name__}: {e})") from None
+        raise ModelFileError(f"{path}: not a readable PinNet file ({torch_load_problem(e)})") from None
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path}: not a PinNet file (format {MODEL_FORMAT!r} expected)")
     try:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from veil.files import atomic_writer
+from veil.files import atomic_writer, state_digest, torch_load_problem
 from veil.m209.dataset import PackedSet
 from veil.m209.evaluate import per_key_pin_accuracy
 from veil.m209.keys import generate_pins, generate_positions, make_rng
@@ -131,24 +131,28 @@ def _copy_state(net: PinNet) -> dict[str, torch.Tensor]:
 
 def _checkpoint_state(net: PinNet, opt: torch.optim.Optimizer, config: TrainConfig, step: int, seconds: float,
                       history: list[dict[str, float]], best: dict[str, Any]) -> dict[str, Any]:
-    return {"format": CHECKPOINT_FORMAT, "config": json.dumps(asdict(config)), "step": step, "seconds": seconds,
+    blob = {"format": CHECKPOINT_FORMAT, "config": json.dumps(asdict(config)), "step": step, "seconds": seconds,
             "history": json.dumps(history), "model": net.state_dict(), "optimizer": opt.state_dict(),
             "best_state": best["state"], "best": json.dumps({k: v for k, v in best.items() if k != "state"})}
+    return {**blob, "sha256": state_digest(blob)}
 
 
 def _resume(path: Path, config: TrainConfig, net: PinNet, opt: torch.optim.Optimizer) -> tuple[int, float, list, dict]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or foreign file
-        raise ValueError(f"{path}: not a readable M-209 training checkpoint ({type(e).__name__})") from None
+        raise ValueError(f"{path}: not a readable M-209 training checkpoint ({torch_load_problem(e)})") from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an M-209 training checkpoint")
+    if blob.get("sha256") != state_digest({k: v for k, v in blob.items() if k != "sha256"}):
+        raise ValueError(f"{path}: SHA-256 digest mismatch: the checkpoint was altered or damaged; delete it "
+                         f"to start over")
     saved = json.loads(blob["config"])
     mine = asdict(config)
     differ = {k: (saved.get(k), v) for k, v in mine.items() if k not in ("minutes", "max_steps") and saved.get(k) != v}
     if differ:
         raise ValueError(f"{path}: checkpoint of another training configuration ({differ}); "
-                         "use another --checkpoint-dir or delete it")
+                         "use another --checkpoint or delete it")
     net.load_state_dict(blob["model"])
     opt.load_state_dict(blob["optimizer"])
     best = json.loads(blob["best"])

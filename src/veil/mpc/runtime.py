@@ -64,13 +64,16 @@ def _script_program(path: str, session: Session, *args: Any) -> Any:
 def load_program(path: Path) -> Callable[..., Any]:
     """The ``main(session)`` function of a script."""
     if not path.is_file():
-        raise FileNotFoundError(f"no such script: {path}")
+        raise FileNotFoundError(f"{path} is a directory, not a script" if path.is_dir() else f"no such script: {path}")
     spec = importlib.util.spec_from_file_location(f"veil_program_{path.stem}", path)
     if spec is None or spec.loader is None:
         raise ValueError(f"cannot load {path} as a Python script")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ValueError(f"{path} line {e.lineno}: {e.msg} (the script does not parse)") from None
     fn = getattr(module, "main", None)
     if not callable(fn):
         raise ValueError(f"{path} defines no function main(session): veil run calls main(session) in "

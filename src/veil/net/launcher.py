@@ -60,7 +60,7 @@ def _child(party: str, target_pickle: bytes, conn: mpc.Connection, certs_dir: Pa
         summary = str(e) if kind == "party" else f"{type(e).__name__}: {e}"
         # A ValueError or OSError is a refusal of bad input or a missing file: its message says
         # what is wrong, a traceback from deep inside would only bury it. Anything else is a bug.
-        expected = isinstance(e, ValueError | OSError)
+        expected = isinstance(e, ValueError | OSError | PartyError)
         _report(conn, ("error", kind, summary, "" if expected else "".join(traceback.format_exception(e))))
 
 

@@ -57,11 +57,23 @@ def tls_contexts(creds: Credentials) -> tuple[ssl.SSLContext, ssl.SSLContext]:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = False  # party names are checked after the handshake (CN and SAN)
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cafile=str(creds.ca))
-        ctx.load_cert_chain(str(creds.cert), str(creds.key))
+        try:
+            ctx.load_verify_locations(cafile=str(creds.ca))
+        except (ssl.SSLError, OSError) as e:
+            raise PartyError(f"{creds.ca}: not a readable CA certificate in PEM ({_ssl_reason(e)})") from None
+        try:
+            ctx.load_cert_chain(str(creds.cert), str(creds.key))
+        except (ssl.SSLError, OSError) as e:
+            problem = ("the private key does not belong to the certificate" if "KEY_VALUES_MISMATCH" in str(e)
+                       else f"not a readable PEM certificate and private key ({_ssl_reason(e)})")
+            raise PartyError(f"{creds.cert} / {creds.key}: {problem}") from None
         contexts.append(ctx)
     contexts[0].num_tickets = 0  # no session resumption
     return contexts[0], contexts[1]
+
+
+def _ssl_reason(e: BaseException) -> str:
+    return str(getattr(e, "reason", None) or getattr(e, "strerror", None) or e)
 
 
 def _addr(address: tuple[str, int]) -> tuple[str, int]:

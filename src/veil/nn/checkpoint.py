@@ -147,6 +147,9 @@ def load(session: Session, directory: str | Path, epoch: int, *, model: SecureMo
         raise CheckpointError(f"{path}: this is {party!r}'s checkpoint, not {session.party!r}'s")
     if h.get("graph_sha256") != graph_digest(model):
         raise CheckpointError(f"{path}: saved for another architecture than this model's")
+    saved_kind = (h.get("optimizer") or {}).get("kind")
+    if saved_kind != type(optimizer).__name__:
+        raise CheckpointError(f"{path}: saved with optimizer {saved_kind}, this run uses {type(optimizer).__name__}")
     if frac != session.fixed_point.frac_bits:
         raise CheckpointError(f"{path}: saved at {frac} fractional bits, this session uses "
                               f"{session.fixed_point.frac_bits}")

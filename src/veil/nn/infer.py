@@ -135,6 +135,12 @@ def private_inference(session: Session, model: SecureModel | torch.nn.Module | N
     n, shape = _plan(session, images, data_owner, batch_size)
     if images is not None and labels is not None and len(labels) != n:
         raise ValueError(f"{len(labels)} labels for {n} inputs")
+    if labels is not None:
+        lab = torch.as_tensor(labels).double()
+        bad = ~torch.isfinite(lab) | (lab < 0) | (lab != lab.round())
+        if bool(bad.any()):
+            raise ValueError(f"{int(bad.sum())} label(s) are not class indices (e.g. {float(lab[bad][0]):g}): "
+                             f"labels must be integers >= 0")
     check_input_shape(net.graph, (1, *shape))
     outputs: list[torch.Tensor] = []
     t0 = time.perf_counter()
@@ -162,7 +168,11 @@ def private_inference(session: Session, model: SecureModel | torch.nn.Module | N
             result.outputs = out
             result.predictions = ((out.reshape(-1) > net.binary_threshold).long() if _binary(out.shape)
                                   else out.argmax(dim=1))
-        if labels is not None and labels.numel() == result.predictions.numel():
+        classes = 2 if _binary(out.shape) else out.shape[1] if reveal == "logits" and out.dim() > 1 else None
+        if labels is not None and classes is not None and int(labels.max()) >= classes:
+            warnings.warn(f"no accuracy: label {int(labels.max())} is not one of the model's {classes} classes",
+                          stacklevel=2)
+        elif labels is not None and labels.numel() == result.predictions.numel():
             result.accuracy = float((result.predictions == labels.reshape(result.predictions.shape)).double().mean())
         elif labels is not None:  # e.g. one label per input but a prediction per pixel: keep the predictions
             warnings.warn(f"no accuracy: {labels.numel()} labels for predictions of shape "

@@ -20,6 +20,7 @@ Every failure (missing, empty, truncated or foreign file, keys or shapes that do
 from __future__ import annotations
 
 import copy
+import json
 import re
 import warnings
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from veil.files import atomic_writer
+from veil.files import atomic_writer, file_sha256, torch_load_problem
 
 if TYPE_CHECKING:
     from veil.nn.model import SecureModel
@@ -65,6 +66,7 @@ def load_model(path: str | Path, *, architecture: nn.Module | None = None,
                              f"PyTorch .pt/.pth files")
     if architecture is not None and not isinstance(architecture, nn.Module):
         raise TypeError(f"architecture must be a torch.nn.Module instance, got {type(architecture).__name__}")
+    _check_sidecar_digest(path)
     content = _load_weights_only(path, trust_pickle=trust_pickle)
     if isinstance(content, nn.Module):
         if architecture is not None:
@@ -100,6 +102,23 @@ def save_state_dict(module_or_state_dict: nn.Module | Mapping[str, torch.Tensor]
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def _check_sidecar_digest(path: Path) -> None:
+    """Where Veil wrote a JSON sidecar with the weights' SHA-256 (``train_lenet``), check the file against
+    it: ``torch.load`` does not notice a bit flipped inside a tensor."""
+    sidecar = path.with_suffix(".json")
+    if sidecar == path or not sidecar.is_file():
+        return
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return  # not ours
+    if not isinstance(info, dict) or info.get("weights") != path.name or not isinstance(info.get("sha256"), str):
+        return
+    if file_sha256(path) != info["sha256"]:
+        raise ModelFileError(f"{path}: SHA-256 digest mismatch with {sidecar.name}: the weights were altered or "
+                             f"damaged since they were written")
+
+
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise ModelFileError(f"{path}: no such file")
@@ -130,7 +149,7 @@ def _load_weights_only(path: Path, *, trust_pickle: bool) -> Any:
                                  f"save the model's state_dict, or export it to ONNX") from None
         found = _GLOBAL.search(message)
         if found is None:
-            raise ModelFileError(f"{path}: not a PyTorch model file, or a corrupted one ({_first_line(e)})") from None
+            raise ModelFileError(f"{path}: not a PyTorch model file ({torch_load_problem(e)})") from None
         if not trust_pickle:
             raise ModelFileError(
                 f"{path}: the file holds pickled Python objects ({found.group(1)}), e.g. a whole module saved "

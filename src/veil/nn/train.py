@@ -100,6 +100,27 @@ def one_hot(labels: SecretTensor, classes: int) -> SecretTensor:
     return labels.reshape(-1, 1).expand(len(labels), classes) == grid
 
 
+def _check_labels(session: Session, data: Any, classes: int, batch_size: int = 4096) -> None:
+    """Refuse secret index labels that are not class indices in ``[0, classes)`` (a label 7 of 3
+    classes, -1, 1.5). On shares: a label's one-hot row sums to 1 exactly when it is one; only the
+    number of such rows is revealed (both parties; all of them, in a sound dataset)."""
+    valid: SecretTensor | None = None
+    n = 0
+    for batch in data.batches(batch_size, shuffle_seed=None):
+        y = batch["y"]
+        if y.dim() != 1:
+            return  # one-hot or regression targets: nothing to check here
+        ok = one_hot(y, classes).sum()
+        valid = ok if valid is None else valid + ok
+        n += len(y)
+    if valid is None:
+        return
+    good = round(float(valid.reveal(to=list(session.parties))))
+    if good != n:
+        raise ValueError(f"{n - good} of the {n} training labels are not class indices in [0, {classes}) "
+                         f"(negative, fractional or too large): check the labels or --classes")
+
+
 def _targets(y: SecretTensor, classes: int | None) -> SecretTensor:
     if classes is not None and y.dim() == 1:
         return one_hot(y, classes)
@@ -138,15 +159,17 @@ def fit(session: Session, model: SecureModel, data: Any, *, epochs: int, batch_s
         loss_fn: Any, test_data: Any = None, eval_batch_size: int = 256, classes: int | None = None,
         reveal_to: Sequence[str] = ("alice", "bob"),
         loss_every: int = 20, checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-        shuffle: bool = True, seed: bytes | None = None, on_batch: Callable[[int, int], None] | None = None
-        ) -> History:
+        shuffle: bool = True, seed: bytes | None = None, on_batch: Callable[[int, int], None] | None = None,
+        check_labels: bool = True) -> History:
     """Train ``model`` (shared, in training mode) on ``data`` for ``epochs`` epochs. See the module
     docstring; ``classes`` turns 1-D secret labels into one-hot rows for the classification losses;
     ``seed`` (at least 16 bytes, the same in both parties) fixes the order of the batches, which is
     public to both parties anyway; None draws a fresh one (first party, ``secrets``). Epoch ``e``'s
     order derives from the seed and ``e``: calling ``fit`` one epoch at a time with the same seed
     repeats epoch 1's order (use ``resume`` with checkpoints to continue a run instead).
-    ``on_batch(epoch, batch)`` is called after every step (progress hooks, tests)."""
+    ``on_batch(epoch, batch)`` is called after every step (progress hooks, tests). ``check_labels``:
+    with a classification loss, first refuse 1-D labels that are not class indices (one equality
+    pass over the labels; only the number of valid ones is revealed)."""
     if epochs < 1 or batch_size < 1 or loss_every < 1:
         raise ValueError(f"epochs, batch_size and loss_every must be positive (got {epochs}, {batch_size}, "
                          f"{loss_every})")
@@ -166,6 +189,8 @@ def fit(session: Session, model: SecureModel, data: Any, *, epochs: int, batch_s
                 check_input_shape(model.graph, (1, *shape[1:]))
             except ValueError as e:
                 raise ValueError(f"the {what} data (x of shape {tuple(shape)}): {e}") from None
+    if check_labels and isinstance(loss_fn, CLASSIFICATION_LOSSES) and classes is not None:
+        _check_labels(session, data, classes)
     if len(data) % batch_size == 1 and "batch_norm_train" in model.graph.ops():
         raise ValueError(f"{len(data)} training rows in batches of {batch_size} leave a last batch of one row, "
                          f"and BatchNorm cannot train on one value per channel: choose another batch size")
@@ -178,10 +203,15 @@ def fit(session: Session, model: SecureModel, data: Any, *, epochs: int, batch_s
         raise ValueError("seed must have at least 16 bytes")
     seed = agree_seed(session) if seed is None else bytes(seed)
     run_id = checkpoint.new_run_id(session) if checkpoint_dir is not None else ""
+    fingerprint = _data_fingerprint(data)
     if resume and checkpoint_dir is not None:
         last = checkpoint.latest_common(session, checkpoint_dir)
         if last is not None:
             extra = checkpoint.load(session, checkpoint_dir, last, model=model, optimizer=optimizer)
+            if extra.get("data", fingerprint) != fingerprint:
+                raise checkpoint.CheckpointError(
+                    f"{checkpoint_dir}: the checkpoint of epoch {last} trained on other data ({extra['data']}), "
+                    f"this run has {fingerprint}")
             seed, run_id = bytes.fromhex(extra["seed"]), extra["run_id"]
             history.epochs = [EpochRecord(**e) for e in extra.get("history", [])]
             history.resumed_from = start = last
@@ -221,8 +251,18 @@ def fit(session: Session, model: SecureModel, data: Any, *, epochs: int, batch_s
         history.epochs.append(record)
         if checkpoint_dir is not None:
             checkpoint.save(session, checkpoint_dir, model=model, optimizer=optimizer, epoch=epoch, run_id=run_id,
-                            extra={"seed": seed.hex(), "run_id": run_id, "history": history.as_dicts()})
+                            extra={"seed": seed.hex(), "run_id": run_id, "history": history.as_dicts(),
+                                   "data": fingerprint})
     return history
+
+
+def _data_fingerprint(data: Any) -> dict[str, Any]:
+    """What a resumed run must train on again: the dataset's id where it has one, its rows and input shape."""
+    out: dict[str, Any] = {"rows": len(data), "x": list(_x_shape(data)[1:])}
+    dataset_id = getattr(getattr(data, "header", None), "dataset_id", None) or getattr(data, "dataset_id", None)
+    if isinstance(dataset_id, str):
+        out["dataset_id"] = dataset_id
+    return out
 
 
 def _x_shape(data: Any) -> tuple[int, ...]:

@@ -56,10 +56,17 @@ class TrainingJob:
     seed: str | None = None  # hex, >= 16 bytes: the public batch order (None: a fresh one)
 
     def check(self) -> None:
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--lr", self.lr)):
+            if not value > 0:
+                raise ValueError(f"{flag} must be positive, got {value}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose from {sorted(LOSSES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {list(OPTIMIZERS)}")
+        from veil.files import check_output
+
+        check_output(self.out)
+        check_output(self.checkpoint_dir, directory=True, flag="--checkpoint-dir")
         if self.out and not self.weights_to:
             raise ValueError("--out needs --weights-to: the parties that receive the trained weights")
         if self.seed is not None:

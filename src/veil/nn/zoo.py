@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from veil.data import load_mnist
 from veil.data import mnist as mnist_data
-from veil.files import write_atomic
+from veil.files import file_sha256, write_atomic
 from veil.nn.load import save_state_dict
 
 __all__ = ["ARCHITECTURES", "MLP", "LeNet", "SmallNet", "evaluate", "train_lenet", "train_plaintext"]
@@ -218,5 +218,6 @@ def train_lenet(out: Path, *, epochs: int = 5, data_path: str | Path | None = No
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     save_state_dict(model, out)  # CPU tensors, atomically
+    info["sha256"] = file_sha256(out)  # veil.nn.load_model checks it: a flipped bit in a weight is refused
     write_atomic(sidecar, (json.dumps(info, indent=2) + "\n").encode())
     return info

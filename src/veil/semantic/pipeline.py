@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from veil.files import torch_load_problem
 from veil.randomness import torch_generator
 from veil.semantic.permutation import ClassPermutation
 from veil.semantic.translator import SemanticError, Translator, check_images, train_classifier
@@ -219,7 +220,7 @@ def _read(path: str | Path, what: str) -> Any:
     except FileNotFoundError:
         raise SemanticError(f"{path}: no such file") from None
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise SemanticError(f"{path}: not a readable {what} ({e})") from None
+        raise SemanticError(f"{path}: not a readable {what} ({torch_load_problem(e)})") from None
 
 
 def save_remote(model: nn.Module, path: str | Path) -> Path:

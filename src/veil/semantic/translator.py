@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from veil.files import torch_load_problem
 from veil.randomness import torch_generator
 from veil.semantic.networks import Discriminator, Generator, StyleEncoder, local_classifier
 from veil.semantic.permutation import ClassPermutation, PermutationError
@@ -329,7 +330,7 @@ def load_translator(path: str | Path, device: torch.device | str = "cpu") -> Tra
     except FileNotFoundError:
         raise SemanticError(f"{path}: no such file") from None
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise SemanticError(f"{path}: not a readable translator file ({e})") from None
+        raise SemanticError(f"{path}: not a readable translator file ({torch_load_problem(e)})") from None
     return translator_from_blob(blob, path).to(device)
 
 
