@@ -84,7 +84,7 @@ def test_data_files_that_are_not_numeric_archives_are_named(tmp_path: Path) -> N
 
     np.savez(tmp_path / "words.npz", x=np.array(["a", "b"]), y=np.array([0, 1]))
     (tmp_path / "pem.npz").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n")
-    with pytest.raises(DatasetError, match="words.npz: cannot read the dataset"):
+    with pytest.raises(DatasetError, match=r"words\.npz: cannot read the dataset"):
         share._load_npz(tmp_path / "words.npz")
     with pytest.raises(DatasetError, match=r"pem.npz: not a .npz archive"):
         share._load_npz(tmp_path / "pem.npz")

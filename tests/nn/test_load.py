@@ -67,7 +67,7 @@ def test_weights_altered_after_veil_wrote_them_are_refused_by_the_sidecar_digest
     state = torch.load(path, weights_only=True)
     state["4.bias"][0] += 0.5  # one weight changed: torch.load itself would not notice a flipped bit
     torch.save(state, path)
-    with pytest.raises(ModelFileError, match="SHA-256 digest mismatch with net.json"):
+    with pytest.raises(ModelFileError, match=r"SHA-256 digest mismatch with net\.json"):
         load_model(path, architecture=small_net(6))
 
 
@@ -76,7 +76,7 @@ def test_a_foreign_file_named_pt_is_named_without_torchs_advice(tmp_path: Path) 
 
     np.save(tmp_path / "x.npy", np.zeros(3))
     (tmp_path / "x.npy").rename(tmp_path / "x.pt")
-    with pytest.raises(ModelFileError, match="not a file written by torch.save") as err:
+    with pytest.raises(ModelFileError, match=r"not a file written by torch\.save") as err:
         load_model(tmp_path / "x.pt", architecture=small_net(0))
     assert "weights_only" not in str(err.value)
 
