@@ -168,7 +168,9 @@ def private_inference(session: Session, model: SecureModel | torch.nn.Module | N
             result.outputs = out
             result.predictions = ((out.reshape(-1) > net.binary_threshold).long() if _binary(out.shape)
                                   else out.argmax(dim=1))
-        classes = 2 if _binary(out.shape) else out.shape[1] if reveal == "logits" and out.dim() > 1 else None
+        classes = None  # known from the logits only; revealed labels say nothing of the others
+        if reveal == "logits":
+            classes = 2 if _binary(out.shape) else out.shape[1] if out.dim() > 1 else None
         if labels is not None and classes is not None and int(labels.max()) >= classes:
             warnings.warn(f"no accuracy: label {int(labels.max())} is not one of the model's {classes} classes",
                           stacklevel=2)
