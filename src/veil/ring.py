@@ -82,3 +82,17 @@ class FixedPoint:
         lo = ring - hi * (1 << 32)
         out = (hi.to(torch.float64) * float(1 << 32) + lo.to(torch.float64)) / self.scale
         return out.to(dtype)
+
+
+def extra_fraction_bits(factor: torch.Tensor, frac_bits: int) -> int:
+    """Fractional bits to add to a public factor whose largest magnitude is below 1/2, so that it is
+    encoded with about ``frac_bits`` significant bits (at ``frac_bits`` alone, 1/1000 would be 66
+    units, 0.7% off): ``k = floor(-log2 max|c|)``, at most ``frac_bits``. The product ``x * c * 2^k``
+    is no larger than ``x`` itself, so it is computed and truncated (by ``frac_bits + k``) within the
+    range of a product by a factor of magnitude <= 1."""
+    if not factor.dtype.is_floating_point or factor.numel() == 0:
+        return 0
+    peak = float(factor.abs().max())
+    if not 0 < peak < 0.5 or not math.isfinite(peak):
+        return 0
+    return min(frac_bits, math.floor(-math.log2(peak)))

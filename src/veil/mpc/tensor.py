@@ -7,12 +7,13 @@ shows its shape and owner, never a value.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+from veil.ring import extra_fraction_bits
 
 if TYPE_CHECKING:
     from veil.mpc.session import Session
@@ -23,20 +24,6 @@ def _is_integral(v: Any) -> bool:
     if isinstance(v, int):
         return True
     return isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and v.dtype != torch.bool
-
-
-def _extra_bits(factor: torch.Tensor, frac_bits: int) -> int:
-    """Fractional bits to add to a public factor whose largest magnitude is below 1/2, so that it is
-    encoded with about ``frac_bits`` significant bits (at ``frac_bits`` alone, 1/1000 would be 66
-    units, 0.7% off): ``k = floor(-log2 max|c|)``, at most ``frac_bits``. The product ``x * c * 2^k``
-    is no larger than ``x`` itself, so it is computed and truncated (by ``frac_bits + k``) within the
-    range of a product by a factor of magnitude <= 1."""
-    if not factor.dtype.is_floating_point or factor.numel() == 0:
-        return 0
-    peak = float(factor.abs().max())
-    if not 0 < peak < 0.5 or not math.isfinite(peak):
-        return 0
-    return min(frac_bits, math.floor(-math.log2(peak)))
 
 
 class SecretTensor:
@@ -149,7 +136,7 @@ class SecretTensor:
         fn = BILINEAR_OPS[op]
         if _is_integral(o) and op == "mul":
             return self._new(fn(self.share, o.to(torch.int64).to(self.device), **kwargs))
-        extra = _extra_bits(o, f) if op == "mul" else 0
+        extra = extra_fraction_bits(o, f) if op == "mul" else 0
         if extra:  # a small factor (1/n of a mean, a division): encoded with as many significant bits as 1
             code = self.session.fixed_point.encode(o.to(torch.float64) * 2.0 ** extra, what="a public operand")
             return self._new(self.protocol.truncate(fn(self.share, code.to(self.device)), f + extra))
