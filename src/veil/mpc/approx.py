@@ -101,15 +101,15 @@ def exp(x: SecretTensor, upper: float | None = None) -> SecretTensor:
     :func:`exp_limit`); softmax, sigmoid and log-softmax pass 0.
 
     Precision: ``t`` is read at ``f + 6`` fractional bits (``x / 4``, exact to 1 ulp) and squared
-    from ``f`` bits, the polynomial is rounded to ``f + 3`` bits, and the squarings return to ``f`` bits one bit at a
-    time, so values near 1 are squared at most at ``2 (f + 3)`` bits. The polynomial's error grows
+    from ``f`` bits, the polynomial is rounded to ``f + 3`` bits, and the squarings return to ``f``
+    bits one bit at a time, so values near 1 are squared at most at ``2 (f + 3)`` bits. The polynomial's error grows
     with x: relative ``x^3 / 2^18`` (3e-3 at 4, 3e-2 at 20). Truncated locally, a squaring fails (a
     huge error) with probability about ``|square| 2^(2 p) / 2^63`` per element: the squarings whose
     result can exceed ``2^(39 - 2 p)`` (``e^5`` and above at ``upper = 20``: 3 of them, 3 rounds) are
     truncated exactly, so that none fails with probability above ~2^-25; a softmax per training
     batch makes that a few percent per epoch of digits, more for MNIST. Under
     ``SessionOptions(truncation="exact")`` every square is truncated exactly (one more round each:
-    9 rounds more per call), and none fails.
+    18 rounds per call), and none fails.
     """
     proto, f = x.protocol, x.frac_bits
     limit = exp_limit(f)
