@@ -287,3 +287,22 @@ def test_dealer_requests_are_json_from_party_0_only() -> None:
     assert [r["recipe"] for r in requests] == ["triple", "msb", None]
     assert hub.between("bob", "dealer") == []
     assert run.results["dealer"] == 2  # requests served
+
+
+def _conv_of_mismatched_channels(session: Session) -> None:
+    x = session.share(torch.randn(1, 3, 5, 5) if session.party == "alice" else None, owner="alice")
+    w = session.share(torch.randn(2, 4, 3, 3) if session.party == "bob" else None, owner="bob")
+    x.conv2d(w)
+
+
+def test_a_party_error_is_reported_at_once_not_after_waiting_on_the_dealer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the shape check (switched off here) the dealer gets a triple it cannot compute and the
+    # parties fail in their own convolution; closing the session must not then wait the whole timeout
+    # (60 s) for the dealer's correction that will never come.
+    from veil.mpc import material
+
+    monkeypatch.setattr(material, "output_shape", lambda op, sx, sy, kw: (1, 2, 3, 3))
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="channels"):
+        veil.launch(_conv_of_mismatched_channels, transport="local", timeout=60)
+    assert time.perf_counter() - t0 < 20

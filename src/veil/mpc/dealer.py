@@ -253,8 +253,10 @@ class DealerClient:
         self.requests += 1
         return mat
 
-    def close(self) -> None:
-        for mat in list(self._unread):
+    def close(self, *, abandon: bool = False) -> None:
+        """Read what the dealer still owes us (the stream stays in step), then tell it we are done.
+        ``abandon``: after an error, do not wait for it (the dealer may have failed on that request)."""
+        for mat in [] if abandon else list(self._unread):
             mat.resolve()
         if self.index == 0:
             self.transport.send(self.dealer, json.dumps({"recipe": None}).encode())

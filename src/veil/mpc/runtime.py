@@ -52,9 +52,12 @@ def _party_main(program: Callable[..., Any], args: Sequence[Any], parties: Seque
                 "traffic": transport.stats.as_dict()}
     session = Session(transport, parties=parties, dealer=dealer, options=options)
     try:
-        return program(session, *args)
-    finally:
-        session.close()
+        result = program(session, *args)
+    except BaseException:
+        session.close(abandon=True)  # report the error now, not after waiting on a dealer that may have failed
+        raise
+    session.close()
+    return result
 
 
 def _script_program(path: str, session: Session, *args: Any) -> Any:

@@ -140,10 +140,11 @@ class Session:
         out.update(rounds=d.rounds, bytes_with_peer=d.total([self.peer]),
                    bytes_with_dealer=d.total([self.dealer_name]))
 
-    def close(self) -> None:
-        """Tell the dealer this party is done (party 0) and release nothing else."""
+    def close(self, *, abandon: bool = False) -> None:
+        """Tell the dealer this party is done (party 0) and release nothing else; ``abandon`` (after an
+        error) skips waiting for dealer material still in flight."""
         with contextlib.suppress(PartyError):
-            self.dealer.close()
+            self.dealer.close(abandon=abandon)
 
     def __enter__(self) -> Session:
         return self
