@@ -12,6 +12,7 @@ import argparse
 import json
 import re
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,8 +143,6 @@ def _load_npz(path: Path, split: str = "train") -> tuple[torch.Tensor, torch.Ten
 
     if not path.is_file():
         raise DatasetError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'no such file'}")
-    import zipfile
-
     if not zipfile.is_zipfile(path):
         raise DatasetError(f"{path}: not a .npz archive (numpy.savez writes one)")
     try:

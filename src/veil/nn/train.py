@@ -100,13 +100,16 @@ def one_hot(labels: SecretTensor, classes: int) -> SecretTensor:
     return labels.reshape(-1, 1).expand(len(labels), classes) == grid
 
 
-def _check_labels(session: Session, data: Any, classes: int, batch_size: int = 4096) -> None:
+LABEL_CHECK_ROWS = 1 << 16  # labels compared per equality call (one round for most datasets)
+
+
+def _check_labels(session: Session, data: Any, classes: int) -> None:
     """Refuse secret index labels that are not class indices in ``[0, classes)`` (a label 7 of 3
     classes, -1, 1.5). On shares: a label's one-hot row sums to 1 exactly when it is one; only the
     number of such rows is revealed (both parties; all of them, in a sound dataset)."""
     valid: SecretTensor | None = None
     n = 0
-    for batch in data.batches(batch_size, shuffle_seed=None):
+    for batch in data.batches(max(1, min(len(data), LABEL_CHECK_ROWS)), shuffle_seed=None):
         y = batch["y"]
         if y.dim() != 1:
             return  # one-hot or regression targets: nothing to check here
