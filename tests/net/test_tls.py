@@ -171,7 +171,8 @@ def test_recv_times_out_with_a_clear_error(pki: dict[str, Path]) -> None:
 def test_out_of_order_frame_is_refused(pki: dict[str, Path]) -> None:
     def body(t: TLSTransport) -> Any:
         if t.party == "bob":  # write a raw frame with sequence number 5 instead of 0
-            t._out["alice"].write(pack_header(t.session_id, 5, 3), 5, memoryview(b"abc"))
+            t._out["alice"].seal(pack_header(t.session_id, 5, 3), 5, memoryview(b"abc"))
+            assert t._out["alice"].flush()
             return t.recv("alice")
         with pytest.raises(PartyError, match="sequence number 5, expected 0"):
             t.recv("bob")
@@ -207,7 +208,7 @@ def test_send_and_recv_check_the_peer_name(pki: dict[str, Path]) -> None:
 def test_a_frame_altered_on_the_wire_fails_authentication(pki: dict[str, Path]) -> None:
     def body(t: TLSTransport) -> Any:
         if t.party == "bob":  # a well-formed header, but ciphertext that was not sealed with the key
-            t._out["alice"].sock.sendall(pack_header(t.session_id, 0, 3) + b"abc" + bytes(16))
+            t._out["alice"].sock.send(pack_header(t.session_id, 0, 3) + b"abc" + bytes(16))
             return "sent"
         with pytest.raises(PartyError, match="failed authentication"):
             t.recv("bob")
@@ -224,13 +225,14 @@ def test_frames_on_the_wire_are_not_the_plaintext(pki: dict[str, Path]) -> None:
     def body(t: TLSTransport) -> Any:
         if t.party == "bob":
             sock = t._out["alice"].sock
-            real_sendall = sock.sendall
+            real_sendmsg = sock.sendmsg
 
-            def spy(data: Any) -> None:
-                seen.extend(bytes(data))
-                real_sendall(data)
+            def spy(buffers: Any) -> int:
+                sent = real_sendmsg(buffers)
+                seen.extend(b"".join(bytes(b) for b in buffers)[:sent])
+                return sent
 
-            t._out["alice"].sock = type("Spy", (), {"sendall": staticmethod(spy)})()
+            t._out["alice"].sock = type("Spy", (), {"sendmsg": staticmethod(spy)})()
             t.send("alice", secret)
             t._out["alice"].sock = sock
             return "sent"

@@ -20,7 +20,8 @@ Connection setup: every party listens on its own address and dials every other p
 until ``connect_timeout``): two connections per pair, one per direction, each written by the party
 that dialed it and read by the one that accepted it (see :mod:`veil.net.tlschannel`).
 
-The hello (party name + session id) and the threading model are described in
+The hello (party name + session id) and the event loop (no threads: the calling thread reads every
+incoming connection while it waits to send or receive) are described in
 :mod:`veil.net.tlschannel`; frames follow :mod:`veil.net.transport`.
 """
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import queue
+import selectors
 import socket
 import ssl
 import threading
@@ -153,7 +154,7 @@ def _dial(me: str, peer: str, addr: tuple[str, int], ctx: ssl.SSLContext, sessio
         hello, key = new_hello(me, session_id)
         tls.sendall(hello)
         plain = end_tls(tls)
-    return Outgoing(me, peer, plain, key, timeout)
+    return Outgoing(me, peer, plain, key)
 
 
 def _accept_one(me: str, listener: socket.socket, ctx: ssl.SSLContext, session_id: bytes,
@@ -194,10 +195,14 @@ class TLSTransport(Transport):
         self._out, self._in = outgoing, incoming
         self._send_seq = dict.fromkeys(outgoing, 0)
         self._send_failed: dict[str, str] = {}  # a direction is unusable after a failed send ...
-        self._recv_failed: dict[str, str] = {}  # ... or after its reader stopped
+        self._recv_failed: dict[str, str] = {}  # ... or after its stream ended
         self._closed = False
+        self._lock = threading.RLock()  # one thread at a time drives the event loop
+        self._selector = selectors.DefaultSelector()
+        self._ended: set[str] = set()  # incoming streams that ended (no longer watched)
         for ch in incoming.values():
             ch.start(session_id)
+            self._selector.register(ch.sock, selectors.EVENT_READ, ch)
 
     @classmethod
     def connect(cls, party: str, addresses: Mapping[str, tuple[str, int]], certs_dir: Path,
@@ -270,54 +275,92 @@ class TLSTransport(Transport):
         listener.close()
         return cls(party, parties, session_id, outgoing, incoming, timeout)
 
+    def _wait(self, deadline: float, writer: Outgoing | None = None) -> bool:
+        """Wait until an incoming connection has data (read it all) or ``writer`` can write, at most
+        until ``deadline``; False if the time ran out first."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if writer is not None:
+            self._selector.register(writer.sock, selectors.EVENT_WRITE, writer)
+        try:
+            events = self._selector.select(None if math.isinf(remaining) else remaining)
+        finally:
+            if writer is not None:
+                self._selector.unregister(writer.sock)
+        for key, _ in events:
+            if isinstance(key.data, Incoming):
+                self._read(key.data)
+        return True
+
+    def _read(self, ch: Incoming) -> None:
+        ch.read()
+        if ch.error is not None and ch.peer not in self._ended:
+            self._ended.add(ch.peer)
+            self._selector.unregister(ch.sock)  # an ended stream stays readable: stop watching it
+
     def send(self, to: str, payload: bytes | bytearray | memoryview) -> None:
         self._check_peer(to)
-        if self._closed:
-            raise PartyError(f"{self.party}: transport is closed")
-        if to in self._send_failed:
-            raise PartyError(self._send_failed[to])
-        view = memoryview(payload).cast("B")
-        header = pack_header(self.session_id, self._send_seq[to], view.nbytes)
-        try:
-            self._out[to].write(header, self._send_seq[to], view)
-        except TimeoutError:
-            why = (f"{self.party}: {to!r} did not take a message within {self.timeout:g} s (the party "
-                   f"died or stalled)")
-            self._send_failed[to] = why
-            raise PartyError(why) from None
-        except (OSError, ssl.SSLError) as e:
-            why = f"{self.party}: could not send to {to!r}: {e} (the party died?)"
-            self._send_failed[to] = why
-            raise PartyError(why) from e
-        self._send_seq[to] += 1
-        self.stats.record_send(to, HEADER.size + view.nbytes)
+        with self._lock:
+            if self._closed:
+                raise PartyError(f"{self.party}: transport is closed")
+            if to in self._send_failed:
+                raise PartyError(self._send_failed[to])
+            view = memoryview(payload).cast("B")
+            seq = self._send_seq[to]
+            out = self._out[to]
+            out.seal(pack_header(self.session_id, seq, view.nbytes), seq, view)
+            deadline = time.monotonic() + self.timeout
+            try:
+                while not out.flush():  # while the peer's buffers are full, keep reading ours
+                    if not self._wait(deadline, out):
+                        why = (f"{self.party}: {to!r} did not take a message within {self.timeout:g} s "
+                               f"(the party died or stalled)")
+                        self._send_failed[to] = why
+                        raise PartyError(why)
+            except OSError as e:
+                why = f"{self.party}: could not send to {to!r}: {e} (the party died?)"
+                self._send_failed[to] = why
+                raise PartyError(why) from e
+            self._send_seq[to] = seq + 1
+            self.stats.record_send(to, HEADER.size + view.nbytes)
 
     def recv(self, frm: str, *, wait: float | None = None) -> bytearray:
         self._check_peer(frm)
-        if self._closed:
-            raise PartyError(f"{self.party}: transport is closed")
-        if frm in self._recv_failed:
-            raise PartyError(self._recv_failed[frm])
-        limit = self.timeout if wait is None else wait
-        try:
-            q = self._in[frm].queue
-            item = q.get() if math.isinf(limit) else q.get(timeout=limit)
-        except queue.Empty:
-            raise PartyError(f"{self.party}: no message from {frm!r} within {limit:g} s "
-                             f"(the party died or stalled)") from None
-        if isinstance(item, PartyError):
-            self._recv_failed[frm] = str(item)
-            raise PartyError(str(item))
-        self.stats.record_recv(frm, HEADER.size + len(item))
-        return item
+        with self._lock:
+            if self._closed:
+                raise PartyError(f"{self.party}: transport is closed")
+            if frm in self._recv_failed:
+                raise PartyError(self._recv_failed[frm])
+            limit = self.timeout if wait is None else wait
+            deadline = time.monotonic() + limit
+            ch = self._in[frm]
+            if not ch.frames:
+                self._read(ch)
+            while not ch.frames:
+                if ch.error is not None:
+                    self._recv_failed[frm] = str(ch.error)
+                    raise PartyError(str(ch.error))
+                if not self._wait(deadline):
+                    raise PartyError(f"{self.party}: no message from {frm!r} within {limit:g} s "
+                                     f"(the party died or stalled)")
+            item = ch.frames.popleft()
+            self.stats.record_recv(frm, HEADER.size + len(item))
+            return item
 
     def poll(self, frm: str) -> bool:
         self._check_peer(frm)
-        return not self._in[frm].queue.empty()
+        with self._lock:
+            ch = self._in[frm]
+            if not ch.frames and not self._closed:
+                self._read(ch)
+            return bool(ch.frames) or ch.error is not None
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            channels: list[Outgoing | Incoming] = [*self._out.values(), *self._in.values()]
-            for ch in channels:
-                ch.close()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                channels: list[Outgoing | Incoming] = [*self._out.values(), *self._in.values()]
+                for ch in channels:
+                    ch.close()
+                self._selector.close()

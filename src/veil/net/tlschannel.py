@@ -1,10 +1,13 @@
-"""One direction of a link between two parties: TLS set-up, hello, AEAD frames, reader thread.
+"""One direction of a link between two parties: TLS set-up, hello, AEAD frames, non-blocking I/O.
 
-Used by :mod:`veil.net.tls`, which owns connection setup and the party-level checks.
+Used by :mod:`veil.net.tls`, which owns connection setup, the party-level checks and the event loop.
 
 Two connections per pair of parties, one per direction, each written by the party that dialed it
-(:class:`Outgoing`) and read by the party that accepted it (:class:`Incoming`, whose reader thread
-drains it into a queue), so a ``send`` never waits for the peer's ``recv``.
+(:class:`Outgoing`) and read by the party that accepted it (:class:`Incoming`). After set-up both
+are non-blocking and driven by the transport's one event loop, in the calling thread: a party
+blocked in ``send`` or ``recv`` reads every incoming connection meanwhile, so a ``send`` never waits
+for the peer's ``recv`` (two parties sending each other megabytes at once do not deadlock), and a
+message needs no hand-off between threads (one wake-up per message instead of two).
 
 Set-up runs TLS 1.3 with both certificates checked. Inside TLS the dialing party sends its hello
 and a fresh 128-bit key (``secrets``); both sides then close TLS (close_notify both ways) and the
@@ -32,13 +35,12 @@ data), then ``length + 16`` bytes of ciphertext and tag; nonce = 4 zero bytes + 
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import queue
 import secrets
 import socket
 import ssl
 import struct
-import threading
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -49,7 +51,6 @@ from veil.net.transport import HEADER, PartyError, check_header
 HELLO = struct.Struct("<4s16sH")
 HELLO_MAGIC = b"VHLO"
 MAX_MESSAGE_BYTES = 1 << 36  # a larger length field is refused (corrupt or hostile frame)
-SMALL = 1 << 16  # payloads up to this size go out in one write with their header
 KEY_BYTES = 16
 TAG_BYTES = 16
 
@@ -66,7 +67,7 @@ def identity(tls: ssl.SSLSocket) -> frozenset[str]:
 
 
 def read_exact(sock: socket.socket, view: memoryview) -> int:
-    """Fill ``view``; return how many bytes came before the stream ended."""
+    """Fill ``view`` (blocking socket); return how many bytes came before the stream ended."""
     pos, total = 0, len(view)
     while pos < total:
         try:
@@ -109,99 +110,139 @@ def read_hello(me: str, who: str, tls: ssl.SSLSocket, session_id: bytes) -> tupl
 
 def end_tls(tls: ssl.SSLSocket) -> socket.socket:
     """Close TLS both ways (close_notify) and return the plain connection for AEAD frames."""
-    return tls.unwrap()
+    tls.unwrap()
+    return socket.socket(tls.family, tls.type, tls.proto, fileno=tls.detach())
 
 
 class Outgoing:
-    """Our frames to one peer, sealed with the key we sent it, over the connection we dialed."""
+    """Our frames to one peer, sealed with the key we sent it, over the connection we dialed.
 
-    def __init__(self, me: str, peer: str, sock: socket.socket, key: bytes, timeout: float) -> None:
+    :meth:`seal` queues a frame; :meth:`flush` writes what the socket takes without blocking."""
+
+    def __init__(self, me: str, peer: str, sock: socket.socket, key: bytes) -> None:
         self.me, self.peer, self.sock = me, peer, sock
         self._aead = AESOCB3(key)
-        self._lock = threading.Lock()  # several threads of one party may send to the same peer
-        self._buf = bytearray(0)
-        sock.settimeout(timeout)  # bounds sendall when the peer stops reading
+        self._buf = bytearray(0)  # the sealed payload, reused once the previous frame is written
+        self._pending: collections.deque[memoryview] = collections.deque()
+        sock.setblocking(False)
         self.closed = False
 
-    def write(self, header: bytes, seq: int, payload: memoryview) -> None:
-        with self._lock:
-            need = payload.nbytes + TAG_BYTES
+    def seal(self, header: bytes, seq: int, payload: memoryview) -> None:
+        """Queue one frame: ``header`` in clear (associated data), then ``payload`` sealed."""
+        need = payload.nbytes + TAG_BYTES
+        if self._pending:  # the buffer still holds unwritten bytes: seal into a new one
+            out = memoryview(bytearray(need))
+        else:
             if len(self._buf) < need:
                 self._buf = bytearray(max(need, 2 * len(self._buf)))
             out = memoryview(self._buf)[:need]
-            self._aead.encrypt_into(nonce(seq), payload, header, out)
-            if need <= SMALL:
-                self.sock.sendall(header + out)
-            else:
-                self.sock.sendall(header)
-                self.sock.sendall(out)
+        self._aead.encrypt_into(nonce(seq), payload, header, out)
+        self._pending.append(memoryview(header))
+        self._pending.append(out)
+
+    def flush(self) -> bool:
+        """Write queued bytes until the socket would block; True once nothing is left.
+        OSError if the connection is broken."""
+        pending = self._pending
+        while pending:
+            try:
+                sent = self.sock.sendmsg(list(pending)[:64])
+            except BlockingIOError:
+                return False
+            while sent:
+                head = pending[0]
+                if sent >= head.nbytes:
+                    sent -= head.nbytes
+                    pending.popleft()
+                else:
+                    pending[0] = head[sent:]
+                    sent = 0
+        return True
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if self._lock.acquire(timeout=1.0):
-            try:
-                with contextlib.suppress(OSError):
-                    self.sock.shutdown(socket.SHUT_WR)  # the peer reads a clean end of stream
-            finally:
-                self._lock.release()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)  # the peer reads a clean end of stream
         with contextlib.suppress(OSError):
             self.sock.close()
 
 
 class Incoming:
-    """The peer's frames to us, opened with its key (read by our reader thread only)."""
+    """The peer's frames to us, opened with its key: :meth:`read` takes what the socket holds
+    without blocking and queues complete frames in order, then the error that ended the stream."""
 
     def __init__(self, me: str, peer: str, who: str, sock: socket.socket, key: bytes) -> None:
         self.me, self.peer, self.who, self.sock = me, peer, who, sock
         self._aead = AESOCB3(key)
-        self.queue: queue.Queue[bytearray | PartyError] = queue.Queue()
+        self.frames: collections.deque[bytearray] = collections.deque()
+        self.error: PartyError | None = None  # set once the stream ended; reported after its frames
         self.closed = False
-        self._reader: threading.Thread | None = None
+        self.session_id = b""
+        self._seq = 0
+        self._head = bytearray(HEADER.size)
+        self._got = 0  # bytes of the current header (while _body is None) or of the current body
+        self._body: memoryview | None = None
+        self._sealed = bytearray(0)
+        self._length = 0
 
     def start(self, session_id: bytes) -> None:
-        self.sock.settimeout(None)  # recv() waits with its own timeout on the queue
-        self._reader = threading.Thread(target=self._read_frames, args=(session_id,), daemon=True,
-                                        name=f"veil-{self.me}<-{self.peer}")
-        self._reader.start()
+        self.session_id = session_id
+        self.sock.setblocking(False)
 
-    def _read_frames(self, session_id: bytes) -> None:
-        seq, head = 0, bytearray(HEADER.size)
-        sealed = bytearray(0)
+    def read(self) -> None:
+        """Read until the socket would block; queue each complete frame, opened."""
+        if self.error is not None:
+            return
         try:
             while True:
-                got = read_exact(self.sock, memoryview(head))
-                if got == 0:
-                    raise PartyError(f"{self.me}: party {self.who} closed its connection (it finished, "
-                                     f"gave up or died)")
-                if got < HEADER.size:
-                    raise PartyError(f"{self.me}: truncated message from {self.who}")
-                length = check_header(bytes(head), session_id, seq, self.peer, self.me)
-                if length > MAX_MESSAGE_BYTES:
-                    raise PartyError(f"{self.me}: message from {self.who} claims {length} bytes "
-                                     f"(limit {MAX_MESSAGE_BYTES})")
-                need = length + TAG_BYTES
-                if len(sealed) < need:
-                    sealed = bytearray(max(need, 2 * len(sealed)))
-                view = memoryview(sealed)[:need]
-                if read_exact(self.sock, view) < need:
-                    raise PartyError(f"{self.me}: truncated message from {self.who} (connection lost)")
-                payload = bytearray(length)
-                try:
-                    self._aead.decrypt_into(nonce(seq), view, bytes(head), payload)
-                except InvalidTag:
-                    raise PartyError(f"{self.me}: message {seq} from {self.who} failed authentication "
-                                     f"(altered or forged on the wire)") from None
-                self.queue.put(payload)
-                seq += 1
+                if self._body is None:
+                    got = self.sock.recv_into(memoryview(self._head)[self._got:])
+                    if got == 0:
+                        raise PartyError(f"{self.me}: party {self.who} closed its connection (it "
+                                         f"finished, gave up or died)" if self._got == 0 else
+                                         f"{self.me}: truncated message from {self.who}")
+                    self._got += got
+                    if self._got == HEADER.size:
+                        self._begin_body()
+                else:
+                    got = self.sock.recv_into(self._body[self._got:])
+                    if got == 0:
+                        raise PartyError(f"{self.me}: truncated message from {self.who} (connection lost)")
+                    self._got += got
+                    if self._got == len(self._body):
+                        self._open()
+        except BlockingIOError:
+            return
         except PartyError as e:
-            err = e
+            self.error = e
         except (OSError, ValueError, MemoryError) as e:
-            err = PartyError(f"{self.me}: connection to {self.who} lost: {e} (the party died?)")
+            self.error = PartyError(f"{self.me}: connection to {self.who} lost: {e} (the party died?)")
         if self.closed:
-            err = PartyError(f"{self.me}: transport is closed")
-        self.queue.put(err)
+            self.error = PartyError(f"{self.me}: transport is closed")
+
+    def _begin_body(self) -> None:
+        length = check_header(bytes(self._head), self.session_id, self._seq, self.peer, self.me)
+        if length > MAX_MESSAGE_BYTES:
+            raise PartyError(f"{self.me}: message from {self.who} claims {length} bytes "
+                             f"(limit {MAX_MESSAGE_BYTES})")
+        need = length + TAG_BYTES
+        if len(self._sealed) < need:
+            self._sealed = bytearray(max(need, 2 * len(self._sealed)))
+        self._length, self._body, self._got = length, memoryview(self._sealed)[:need], 0
+
+    def _open(self) -> None:
+        assert self._body is not None
+        payload = bytearray(self._length)
+        try:
+            self._aead.decrypt_into(nonce(self._seq), self._body, bytes(self._head), payload)
+        except InvalidTag:
+            raise PartyError(f"{self.me}: message {self._seq} from {self.who} failed authentication "
+                             f"(altered or forged on the wire)") from None
+        self.frames.append(payload)
+        self._seq += 1
+        self._body, self._got = None, 0
 
     def close(self) -> None:
         if self.closed:
@@ -209,7 +250,5 @@ class Incoming:
         self.closed = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(timeout=2.0)
         with contextlib.suppress(OSError):
             self.sock.close()
