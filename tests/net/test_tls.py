@@ -168,6 +168,49 @@ def test_recv_times_out_with_a_clear_error(pki: dict[str, Path]) -> None:
     assert 0.4 < res["alice"] < 5.0, res
 
 
+def test_a_peer_that_takes_nothing_fails_the_send_with_a_clear_error(pki: dict[str, Path]) -> None:
+    """bob never reads: alice's 20 MB cannot all fit in the socket buffers, and the send ends
+    after ``timeout`` seconds without progress, naming bob."""
+    release = threading.Event()
+
+    def body(t: TLSTransport) -> float:
+        if t.party == "bob":
+            release.wait(10)
+            return 0.0
+        start = time.monotonic()
+        try:
+            with pytest.raises(PartyError, match=r"'bob' did not take a message within 0.5 s \(the party died"):
+                t.send("bob", bytes(BIG))
+        finally:
+            release.set()
+        return time.monotonic() - start
+
+    res = _session(["alice", "bob"], {"alice": pki["honest"], "bob": pki["honest"]}, body=body,
+                   timeout=0.5)
+    assert 0.4 < res["alice"] < 5.0, res
+
+
+def test_a_send_to_a_slow_reader_fails_only_after_a_stall(pki: dict[str, Path]) -> None:
+    """bob takes alice's 60 MB in bursts 0.3 s apart (what the socket buffers hold each time): over
+    1 s in all, more than twice the 0.5 s timeout, but never 0.5 s without progress, so alice's send
+    goes through (the timeout counts stalls, not the whole transfer)."""
+    payload = secrets.token_bytes(3 * BIG)
+
+    def body(t: TLSTransport) -> Any:
+        if t.party == "bob":
+            time.sleep(0.3)
+            while not t.poll("alice"):  # takes what has arrived, without waiting
+                time.sleep(0.3)
+            return bytes(t.recv("alice")) == payload
+        start = time.monotonic()
+        t.send("bob", payload)
+        return time.monotonic() - start
+
+    res = _session(["alice", "bob"], {"alice": pki["honest"], "bob": pki["honest"]}, body=body,
+                   timeout=0.5)
+    assert res["bob"] is True and res["alice"] > 1.0, res
+
+
 def test_out_of_order_frame_is_refused(pki: dict[str, Path]) -> None:
     def body(t: TLSTransport) -> Any:
         if t.party == "bob":  # write a raw frame with sequence number 5 instead of 0

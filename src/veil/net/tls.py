@@ -310,10 +310,14 @@ class TLSTransport(Transport):
             seq = self._send_seq[to]
             out = self._out[to]
             out.seal(pack_header(self.session_id, seq, view.nbytes), seq, view)
-            deadline = time.monotonic() + self.timeout
             try:
-                while not out.flush():  # while the peer's buffers are full, keep reading ours
-                    if not self._wait(deadline, out):
+                # While the peer's buffers are full, keep reading ours. The peer stalled if it took
+                # nothing for `timeout` seconds.
+                deadline = time.monotonic() + self.timeout
+                while out.pending:
+                    if out.flush():
+                        deadline = time.monotonic() + self.timeout
+                    elif not self._wait(deadline, out):
                         why = (f"{self.party}: {to!r} did not take a message within {self.timeout:g} s "
                                f"(the party died or stalled)")
                         self._send_failed[to] = why

@@ -140,15 +140,21 @@ class Outgoing:
         self._pending.append(memoryview(header))
         self._pending.append(out)
 
-    def flush(self) -> bool:
-        """Write queued bytes until the socket would block; True once nothing is left.
+    @property
+    def pending(self) -> bool:
+        """Whether queued bytes are still unwritten."""
+        return bool(self._pending)
+
+    def flush(self) -> int:
+        """Write queued bytes until the socket would block; return how many were written.
         OSError if the connection is broken."""
-        pending = self._pending
+        pending, total = self._pending, 0
         while pending:
             try:
                 sent = self.sock.sendmsg(list(pending)[:64])
             except BlockingIOError:
-                return False
+                break
+            total += sent
             while sent:
                 head = pending[0]
                 if sent >= head.nbytes:
@@ -157,7 +163,7 @@ class Outgoing:
                 else:
                     pending[0] = head[sent:]
                     sent = 0
-        return True
+        return total
 
     def close(self) -> None:
         if self.closed:
