@@ -196,6 +196,14 @@ def state_digest(obj: Any) -> str:
     return digest.hexdigest()
 
 
+def missing_file_problem(path: str | Path, what: str) -> str | None:
+    """Why ``path`` cannot be read as a ``what`` file (missing, or a directory), or None if it is a file."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    return f"{path}: is a directory, not a {what}" if path.is_dir() else f"{path}: no such {what}"
+
+
 def check_output(path: str | Path | None, *, directory: bool = False, flag: str = "--out") -> None:
     """Refuse an output path that cannot be written, before any work: a directory where a file goes
     (or the reverse), or a parent that is a file. ValueError naming ``flag`` and the path."""

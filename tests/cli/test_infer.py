@@ -63,7 +63,8 @@ def test_a_whole_pickled_module_is_refused_without_trust_pickle(files: dict[str,
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--data", "mnist"], "needs both --model and --data"),
-    (["--model", "/no/such/model.pt", "--data", "mnist"], "no such file"),
+    (["--model", "/no/such/model.pt", "--data", "mnist"], "--model /no/such/model.pt: no such model file"),
+    (["--model", "/", "--data", "mnist"], "--model /: is a directory, not a model file"),
     (["--model", "MODEL", "--arch", "resnet", "--data", "DATA", "--limit", "2"], "unknown architecture 'resnet'"),
     (["--model", "MODEL", "--arch", "lenet", "--data", "/no/such.npz"], "no such file"),
     (["--model", "MODEL", "--party", "alice"], "--party and --peers go together"),

@@ -72,6 +72,8 @@ def test_train_then_resume_reveals_to_the_chosen_parties_and_saves_weights(
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
     (["--checkpoint-dir", "digitnet_for_tests.py"], "is a file, not a directory"),
     (["--out", "shares", "--weights-to", "alice"], "--out"),
+    (["--init", "shares"], "is a directory, not a weights file"),
+    (["--init", "nosuch.pt"], "--init nosuch.pt: no such weights file"),
 ])
 def test_bad_arguments_exit_1_with_the_cause(workdir: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
                                              message: str) -> None:

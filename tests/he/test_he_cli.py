@@ -88,6 +88,10 @@ def test_users_mistakes_end_with_a_message_naming_them(small_model, tmp_path, ca
     assert code == 1 and "less than 128-bit security" in err
     code, _, err = _run(capsys, "decrypt", "--keys", d / "keys" / "client.key", "--in", d / "x.ct")
     assert code == 1 and "not a model's outputs" in err
+    code, _, err = _run(capsys, "describe", "--model", d, "--out", d / "m.json")
+    assert code == 1 and f"{d}: is a directory, not a model file" in err
+    code, _, err = _run(capsys, "keygen", "--model-description", d, "--out", d / "k2")
+    assert code == 1 and f"{d}: is a directory" in err and "Errno" not in err
 
 
 def test_the_demo_server_runs_confined_and_the_client_alone_decrypts(small_model, tmp_path, capsys):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from veil.cli.parties import add_party_arguments, check_party_arguments
@@ -57,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
     local = check_party_arguments(args)
     if local and (args.model is None or args.data is None):
         raise ValueError("a local run needs both --model and --data")
-    if args.model is not None and not Path(args.model).is_file():
-        what = "is a directory, not a model file" if Path(args.model).is_dir() else "no such file"
-        raise ValueError(f"--model {args.model}: {what}")
-    from veil.files import check_output
+    from veil.files import check_output, missing_file_problem
+
+    if args.model is not None and (problem := missing_file_problem(args.model, "model file")):
+        raise ValueError(f"--model {problem}")
 
     check_output(args.out)
     job = InferenceJob(model=args.model, data=args.data, architecture=args.arch, trust_pickle=args.trust_pickle,

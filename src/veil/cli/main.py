@@ -51,8 +51,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except (ValueError, OSError) as e:
-        print(f"veil {args.command}: error: {e}", file=sys.stderr)
+        print(f"veil {args.command}: error: {_describe(e)}", file=sys.stderr)
         return 1
+
+
+def _describe(e: BaseException) -> str:
+    """An error's message; an OSError about a file as ``FILE: problem`` (not ``[Errno 21] ...``)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror[0].lower()}{e.strerror[1:]}"
+    return str(e)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("veil train needs --shares DIR and --name NAME (secret-shared data; see `veil share`), "
                          "or --dp --data ... for DP-SGD on your own data")
     local = check_party_arguments(args)
+    from veil.files import missing_file_problem
+
+    if args.init is not None and (problem := missing_file_problem(args.init, "weights file")):
+        raise ValueError(f"--init {problem}")
     job = TrainingJob(arch=args.arch, shares=args.shares, name=args.name, test_name=args.test_name, init=args.init,
                       model_owner=args.model_owner, epochs=_given(args.epochs, 1),
                       batch_size=_given(args.batch_size, 64),

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from veil.files import torch_load_problem
+from veil.files import missing_file_problem, torch_load_problem
 
 
 class HEError(ValueError):
@@ -228,8 +228,9 @@ def load_he_model(path: str | Path, *, architecture: str | None = None,
     """``(module, input_shape, metrics)`` of a :func:`save_he_model` file, or of a plain ``state_dict``
     with ``architecture`` (``package.module:Class``, built without arguments) and ``input_shape``."""
     path = Path(path)
-    if not path.is_file():
-        raise HEError(f"{path}: no such model file")
+    problem = missing_file_problem(path, "model file")
+    if problem:
+        raise HEError(problem)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a bad file

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from veil.files import atomic_writer, torch_load_problem
+from veil.files import atomic_writer, missing_file_problem, torch_load_problem
 from veil.m209.machine import GUIDE_OFFSETS, LUG_PAIRS, NUM_BARS, NUM_PINS, NUM_WHEELS, WHEEL_SIZES, WHEEL_STARTS
 
 LUG_CLASSES = NUM_BARS + 1  # a lug-pair count is 0..27
@@ -162,8 +162,9 @@ def save_model(net: PinNet, path: str | Path, *, letters: int, metrics: dict[str
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[PinNet, dict[str, Any]]:
     """A PinNet and its info (``letters``, ``metrics``, ``config``) from ``save_model``'s file."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
+    problem = missing_file_problem(path, "model file")
+    if problem:
+        raise ModelFileError(problem)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a damaged or foreign file
