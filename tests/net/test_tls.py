@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import secrets
 import shutil
 import socket
@@ -297,3 +298,131 @@ def test_a_private_key_of_another_party_is_named_with_its_files(tmp_path: Path) 
     (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
     with pytest.raises(PartyError, match=r"ca.pem: not a readable CA certificate in PEM"):
         tls_contexts(load_credentials(tmp_path, "alice"))
+
+
+def test_close_from_another_thread_ends_a_waiting_recv_and_sends_still_pass(pki: dict[str, Path]) -> None:
+    """One thread waits in recv (no time limit); another thread sends meanwhile, then closes the
+    transport: the send goes through and the waiting recv ends at once with 'transport is closed'."""
+    def body(t: TLSTransport) -> Any:
+        if t.party == "bob":
+            got = bytes(t.recv("alice"))
+            t.recv("alice", wait=10)  # until alice's side closes
+            return got
+        errors: list[BaseException] = []
+
+        def waiter() -> None:
+            try:
+                t.recv("bob", wait=math.inf)
+            except BaseException as e:
+                errors.append(e)
+
+        th = threading.Thread(target=waiter, daemon=True)
+        th.start()
+        time.sleep(0.3)
+        t.send("bob", b"from another thread")
+        start = time.monotonic()
+        t.close()
+        th.join(5)
+        return not th.is_alive(), time.monotonic() - start, [str(e) for e in errors]
+
+    res = _session(["alice", "bob"], {"alice": pki["honest"], "bob": pki["honest"]}, body=body)
+    done, seconds, errors = res["alice"]
+    assert done and seconds < 2.0 and errors == ["alice: transport is closed"], res
+    assert isinstance(res["bob"], PartyError) and "closed its connection" in str(res["bob"])
+
+
+def test_poll_reads_every_connection_so_a_third_party_is_not_stalled(pki: dict[str, Path]) -> None:
+    """alice polls for bob's answer; carol first sends alice 30 MB (more than the socket buffers hold)
+    and only then tells bob to answer. alice's poll must take carol's bytes too."""
+    big = secrets.token_bytes(30_000_000)
+
+    def body(t: TLSTransport) -> Any:
+        if t.party == "carol":
+            t.send("alice", big)
+            t.send("bob", b"go")
+            return "sent"
+        if t.party == "bob":
+            t.recv("carol")
+            t.send("alice", b"done")
+            return "sent"
+        while not t.poll("bob"):
+            time.sleep(0.01)
+        return bytes(t.recv("bob")), bytes(t.recv("carol")) == big
+
+    generate_certificates(["alice", "bob", "carol"], pki["root"] / "three")
+    certs = {p: pki["root"] / "three" for p in ("alice", "bob", "carol")}
+    res = _session(["alice", "bob", "carol"], certs, body=body, timeout=10.0)
+    assert res == {"alice": (b"done", True), "bob": "sent", "carol": "sent"}, res
+
+
+def test_recv_waits_as_long_as_the_awaited_message_keeps_coming(pki: dict[str, Path]) -> None:
+    """bob's 20 MB frame crawls in over about 2 s (a slow link, never stalled): more than alice's
+    0.5 s timeout, but bytes keep arriving, so the recv succeeds (the timeout counts stalls)."""
+    from veil.net.tlschannel import nonce
+
+    payload = secrets.token_bytes(BIG)
+
+    def body(t: TLSTransport) -> Any:
+        if t.party == "bob":
+            out = t._out["alice"]
+            head = pack_header(t.session_id, 0, len(payload))
+            frame = head + out._aead.encrypt(nonce(0), payload, head)
+            out.sock.setblocking(True)
+            for i in range(0, len(frame), 1_000_000):
+                out.sock.sendall(frame[i:i + 1_000_000])
+                time.sleep(0.1)
+            return "sent"
+        start = time.monotonic()
+        return bytes(t.recv("bob")) == payload, time.monotonic() - start
+
+    res = _session(["alice", "bob"], {"alice": pki["honest"], "bob": pki["honest"]}, body=body, timeout=0.5)
+    ok, seconds = res["alice"]
+    assert ok and seconds > 1.0, res
+
+
+def test_frames_over_the_aead_limit_are_refused_by_name(pki: dict[str, Path]) -> None:
+    """One OCB call seals at most 2^31 - 1 bytes: a larger message is refused before sealing, and a
+    header claiming one is refused on reading (no allocation, no crash inside the cipher)."""
+    import numpy as np
+
+    from veil.net.tlschannel import MAX_MESSAGE_BYTES
+
+    def body(t: TLSTransport) -> Any:
+        if t.party == "bob":
+            with pytest.raises(ValueError, match="over the limit of one frame"):
+                t.send("alice", memoryview(np.zeros(MAX_MESSAGE_BYTES + 1, dtype=np.uint8)))
+            t._out["alice"].sock.send(pack_header(t.session_id, 0, 1 << 31))
+            return "sent"
+        with pytest.raises(PartyError, match=r"claims 2147483648 bytes \(limit 2147483631\)"):
+            t.recv("bob")
+        return "refused"
+
+    res = _session(["alice", "bob"], {"alice": pki["honest"], "bob": pki["honest"]}, body=body)
+    assert res == {"alice": "refused", "bob": "sent"}, res
+
+
+def test_an_interrupted_send_ends_that_direction_and_the_peer_hears_at_once(pki: dict[str, Path]) -> None:
+    """A KeyboardInterrupt in the middle of a large send: the next send says the direction was
+    interrupted (no half frame followed by a frame with the same sequence number), and the peer gets
+    'truncated message' at once rather than a timeout."""
+    def body(t: TLSTransport) -> Any:
+        if t.party == "bob":
+            start = time.monotonic()
+            with pytest.raises(PartyError, match="truncated message from 'alice'"):
+                t.recv("alice")
+            return time.monotonic() - start
+        real = t._wait
+
+        def interrupted(*args: Any, **kw: Any) -> None:
+            t._wait = real  # type: ignore[method-assign]
+            raise KeyboardInterrupt
+
+        t._wait = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            t.send("bob", bytes(BIG))
+        with pytest.raises(PartyError, match="an earlier send to 'bob' was interrupted"):
+            t.send("bob", b"next")
+        return "refused"
+
+    res = _session(["alice", "bob"], {"alice": pki["honest"], "bob": pki["honest"]}, body=body, timeout=20.0)
+    assert res["alice"] == "refused" and res["bob"] < 5.0, res

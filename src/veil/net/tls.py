@@ -38,7 +38,16 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from veil.net.certs import Credentials, load_credentials, validate_party_names
-from veil.net.tlschannel import Incoming, Outgoing, PeerClosed, end_tls, identity, new_hello, read_hello
+from veil.net.tlschannel import (
+    MAX_MESSAGE_BYTES,
+    Incoming,
+    Outgoing,
+    PeerClosed,
+    end_tls,
+    identity,
+    new_hello,
+    read_hello,
+)
 from veil.net.transport import (
     DEFAULT_TIMEOUT_S,
     HEADER,
@@ -185,7 +194,18 @@ def _accept_one(me: str, listener: socket.socket, ctx: ssl.SSLContext, session_i
 
 
 class TLSTransport(Transport):
-    """Messages between parties over TCP with mutual TLS 1.3; build one with :meth:`connect`."""
+    """Messages between parties over TCP with mutual TLS 1.3; build one with :meth:`connect`.
+
+    No threads of its own: the thread that sends or receives drives the event loop. While it waits
+    (for a message, or for room in a peer's buffers) it reads every incoming connection, so two
+    parties that send each other large messages at once do not deadlock. Several threads may use one
+    transport: sends to one peer are serialized, the loop's state is locked only for non-blocking
+    steps, and :meth:`close` wakes a thread that waits.
+
+    Timeouts count time without progress: a ``recv`` fails after ``timeout`` seconds in which no
+    byte of the awaited peer arrived, a ``send`` after ``timeout`` seconds in which the peer took no
+    byte (its buffers full: it stalled, or it has been computing without reading for that long).
+    """
 
     def __init__(self, party: str, parties: tuple[str, ...], session_id: bytes,
                  outgoing: dict[str, Outgoing], incoming: dict[str, Incoming], timeout: float) -> None:
@@ -197,9 +217,15 @@ class TLSTransport(Transport):
         self._send_failed: dict[str, str] = {}  # a direction is unusable after a failed send ...
         self._recv_failed: dict[str, str] = {}  # ... or after its stream ended
         self._closed = False
-        self._lock = threading.RLock()  # one thread at a time drives the event loop
+        self._lock = threading.Lock()  # the loop's state; held only for non-blocking steps
+        self._sending = {peer: threading.Lock() for peer in outgoing}  # one send at a time per peer
         self._selector = selectors.DefaultSelector()
         self._ended: set[str] = set()  # incoming streams that ended (no longer watched)
+        self._wake_r, self._wake_w = socket.socketpair()  # close() wakes a waiting thread
+        self._waiters = 0  # threads in the selector; the last one out after close() releases it
+        for sock in (self._wake_r, self._wake_w):
+            sock.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         for ch in incoming.values():
             ch.start(session_id)
             self._selector.register(ch.sock, selectors.EVENT_READ, ch)
@@ -275,23 +301,35 @@ class TLSTransport(Transport):
         listener.close()
         return cls(party, parties, session_id, outgoing, incoming, timeout)
 
-    def _wait(self, deadline: float, writer: Outgoing | None = None) -> bool:
-        """Wait until an incoming connection has data (read it all) or ``writer`` can write, at most
-        until ``deadline``; False if the time ran out first."""
+    def _closed_error(self) -> PartyError:
+        return PartyError(f"{self.party}: transport is closed")
+
+    def _wait(self, deadline: float, writer: Outgoing | None = None) -> None:
+        """Wait until an incoming connection has data (read what every ready one holds), ``writer``
+        can write, :meth:`close` is called, or ``deadline`` passes (at once if it has passed)."""
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        if writer is not None:
-            self._selector.register(writer.sock, selectors.EVENT_WRITE, writer)
-        try:
-            events = self._selector.select(None if math.isinf(remaining) else remaining)
-        finally:
+        with self._lock:
+            if self._closed:
+                raise self._closed_error()
             if writer is not None:
-                self._selector.unregister(writer.sock)
-        for key, _ in events:
-            if isinstance(key.data, Incoming):
-                self._read(key.data)
-        return True
+                self._selector.register(writer.sock, selectors.EVENT_WRITE, writer)
+            self._waiters += 1
+        try:
+            events = self._selector.select(None if math.isinf(remaining) else max(remaining, 0.0))
+        finally:
+            with self._lock:
+                self._waiters -= 1
+                if self._closed:
+                    if not self._waiters:
+                        self._release()
+                elif writer is not None:
+                    self._selector.unregister(writer.sock)
+        with self._lock:
+            if self._closed:
+                raise self._closed_error()
+            for key, _ in events:
+                if isinstance(key.data, Incoming):
+                    self._read(key.data)
 
     def _read(self, ch: Incoming) -> None:
         ch.read()
@@ -301,70 +339,114 @@ class TLSTransport(Transport):
 
     def send(self, to: str, payload: bytes | bytearray | memoryview) -> None:
         self._check_peer(to)
-        with self._lock:
-            if self._closed:
-                raise PartyError(f"{self.party}: transport is closed")
-            if to in self._send_failed:
-                raise PartyError(self._send_failed[to])
-            view = memoryview(payload).cast("B")
-            seq = self._send_seq[to]
-            out = self._out[to]
-            out.seal(pack_header(self.session_id, seq, view.nbytes), seq, view)
+        view = memoryview(payload)
+        if not view.contiguous:
+            raise ValueError(f"{self.party}: send needs a contiguous buffer")
+        view = view.cast("B") if view.nbytes else memoryview(b"")
+        if view.nbytes > MAX_MESSAGE_BYTES:
+            raise ValueError(f"{self.party}: a message of {view.nbytes} bytes is over the limit of one frame "
+                             f"({MAX_MESSAGE_BYTES} bytes); send it in parts (e.g. smaller batches)")
+        out = self._out[to]
+        with self._sending[to]:
+            with self._lock:
+                if self._closed:
+                    raise self._closed_error()
+                if to in self._send_failed:
+                    raise PartyError(self._send_failed[to])
+                seq = self._send_seq[to]
+                out.seal(pack_header(self.session_id, seq, view.nbytes), seq, view)
             try:
-                # While the peer's buffers are full, keep reading ours. The peer stalled if it took
-                # nothing for `timeout` seconds.
+                # While the peer's buffers are full, keep reading ours.
                 deadline = time.monotonic() + self.timeout
-                while out.pending:
-                    if out.flush():
-                        deadline = time.monotonic() + self.timeout
-                    elif not self._wait(deadline, out):
-                        why = (f"{self.party}: {to!r} did not take a message within {self.timeout:g} s "
-                               f"(the party died or stalled)")
-                        self._send_failed[to] = why
-                        raise PartyError(why)
-            except OSError as e:
-                why = f"{self.party}: could not send to {to!r}: {e} (the party died?)"
-                self._send_failed[to] = why
-                raise PartyError(why) from e
+                while True:
+                    with self._lock:
+                        if self._closed:
+                            raise self._closed_error()
+                        wrote = out.flush()
+                        if not out.pending:
+                            break
+                    now = time.monotonic()
+                    if wrote:
+                        deadline = now + self.timeout
+                    elif now >= deadline:
+                        raise PartyError(f"{self.party}: {to!r} did not take a message within {self.timeout:g} "
+                                         f"s (the party died or stalled)")
+                    self._wait(deadline, out)
+            except BaseException as e:
+                # The frame is cut: the direction cannot go on; close it so that the peer hears at once.
+                out.close()
+                if isinstance(e, OSError):
+                    why = f"{self.party}: could not send to {to!r}: {e} (the party died?)"
+                    self._send_failed[to] = why
+                    raise PartyError(why) from e
+                self._send_failed[to] = (str(e) if isinstance(e, PartyError) else
+                                         f"{self.party}: an earlier send to {to!r} was interrupted")
+                raise
             self._send_seq[to] = seq + 1
             self.stats.record_send(to, HEADER.size + view.nbytes)
 
-    def recv(self, frm: str, *, wait: float | None = None) -> bytearray:
-        self._check_peer(frm)
-        with self._lock:
-            if self._closed:
-                raise PartyError(f"{self.party}: transport is closed")
-            if frm in self._recv_failed:
-                raise PartyError(self._recv_failed[frm])
-            limit = self.timeout if wait is None else wait
-            deadline = time.monotonic() + limit
-            ch = self._in[frm]
-            if not ch.frames:
-                self._read(ch)
-            while not ch.frames:
-                if ch.error is not None:
-                    self._recv_failed[frm] = str(ch.error)
-                    raise PartyError(str(ch.error))
-                if not self._wait(deadline):
-                    raise PartyError(f"{self.party}: no message from {frm!r} within {limit:g} s "
-                                     f"(the party died or stalled)")
+    def _take(self, frm: str, ch: Incoming) -> bytearray | None:
+        """The next frame from ``frm`` if one is here (reading what its connection holds); raises if
+        its stream ended. Called with the lock held."""
+        if self._closed:
+            raise self._closed_error()
+        if frm in self._recv_failed:
+            raise PartyError(self._recv_failed[frm])
+        if not ch.frames and frm not in self._ended:
+            self._read(ch)
+        if ch.frames:
             item = ch.frames.popleft()
             self.stats.record_recv(frm, HEADER.size + len(item))
             return item
+        if ch.error is not None:
+            self._recv_failed[frm] = str(ch.error)
+            raise PartyError(str(ch.error))
+        return None
+
+    def recv(self, frm: str, *, wait: float | None = None) -> bytearray:
+        self._check_peer(frm)
+        limit = self.timeout if wait is None else wait
+        if math.isnan(limit):
+            raise ValueError(f"{self.party}: recv wait must be a number of seconds, got {wait!r}")
+        ch, progress, deadline = self._in[frm], -1, 0.0
+        while True:
+            with self._lock:
+                item = self._take(frm, ch)
+                if item is not None:
+                    return item
+                got = ch.bytes_in
+            now = time.monotonic()
+            if got != progress:  # some of the awaited message arrived: the peer is alive
+                progress, deadline = got, now + limit
+            elif now >= deadline:
+                raise PartyError(f"{self.party}: no message from {frm!r} within {limit:g} s "
+                                 f"(the party died or stalled)")
+            self._wait(deadline)
 
     def poll(self, frm: str) -> bool:
         self._check_peer(frm)
+        if self._closed:
+            return True  # recv will say so
+        self._wait(time.monotonic())  # read what every connection holds, without waiting
         with self._lock:
             ch = self._in[frm]
-            if not ch.frames and not self._closed:
-                self._read(ch)
             return bool(ch.frames) or ch.error is not None
 
     def close(self) -> None:
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                channels: list[Outgoing | Incoming] = [*self._out.values(), *self._in.values()]
-                for ch in channels:
-                    ch.close()
-                self._selector.close()
+            if self._closed:
+                return
+            self._closed = True
+            channels: list[Outgoing | Incoming] = [*self._out.values(), *self._in.values()]
+            for ch in channels:
+                ch.close()
+            if self._waiters:  # the last of them releases the selector on its way out
+                with contextlib.suppress(OSError):
+                    self._wake_w.send(b"\x00")
+            else:
+                self._release()
+
+    def _release(self) -> None:
+        self._selector.close()
+        for sock in (self._wake_r, self._wake_w):
+            sock.close()

@@ -4,10 +4,11 @@ Used by :mod:`veil.net.tls`, which owns connection setup, the party-level checks
 
 Two connections per pair of parties, one per direction, each written by the party that dialed it
 (:class:`Outgoing`) and read by the party that accepted it (:class:`Incoming`). After set-up both
-are non-blocking and driven by the transport's one event loop, in the calling thread: a party
-blocked in ``send`` or ``recv`` reads every incoming connection meanwhile, so a ``send`` never waits
-for the peer's ``recv`` (two parties sending each other megabytes at once do not deadlock), and a
-message needs no hand-off between threads (one wake-up per message instead of two).
+are non-blocking and driven by the transport's event loop, in the calling thread: a party waiting
+in ``send`` or ``recv`` reads every incoming connection meanwhile, so two parties sending each other
+megabytes at once do not deadlock, and a message needs no hand-off between threads (one wake-up
+per message instead of two). A ``send`` larger than the socket buffers returns once the peer has
+read the rest, which it does in its own next ``send``, ``recv`` or ``poll``.
 
 Set-up runs TLS 1.3 with both certificates checked. Inside TLS the dialing party sends its hello
 and a fresh 128-bit key (``secrets``); both sides then close TLS (close_notify both ways) and the
@@ -50,9 +51,11 @@ from veil.net.transport import HEADER, PartyError, check_header
 
 HELLO = struct.Struct("<4s16sH")
 HELLO_MAGIC = b"VHLO"
-MAX_MESSAGE_BYTES = 1 << 36  # a larger length field is refused (corrupt or hostile frame)
 KEY_BYTES = 16
 TAG_BYTES = 16
+# One AEAD call seals a frame, and OpenSSL's OCB takes at most 2^31 - 1 bytes: larger messages are
+# refused when sent, and a larger length field is refused when read (corrupt or hostile frame).
+MAX_MESSAGE_BYTES = (1 << 31) - 1 - TAG_BYTES
 
 
 class PeerClosed(Exception):
@@ -177,7 +180,10 @@ class Outgoing:
 
 class Incoming:
     """The peer's frames to us, opened with its key: :meth:`read` takes what the socket holds
-    without blocking and queues complete frames in order, then the error that ended the stream."""
+    without blocking and queues complete frames in order, then the error that ended the stream.
+
+    The buffer for a frame grows as its bytes arrive (a header claiming gigabytes costs nothing
+    until they come) and is kept for the next frames."""
 
     def __init__(self, me: str, peer: str, who: str, sock: socket.socket, key: bytes) -> None:
         self.me, self.peer, self.who, self.sock = me, peer, who, sock
@@ -186,10 +192,11 @@ class Incoming:
         self.error: PartyError | None = None  # set once the stream ended; reported after its frames
         self.closed = False
         self.session_id = b""
+        self.bytes_in = 0  # every byte read so far (a waiting recv sees progress)
         self._seq = 0
         self._head = bytearray(HEADER.size)
-        self._got = 0  # bytes of the current header (while _body is None) or of the current body
-        self._body: memoryview | None = None
+        self._got = 0  # bytes of the current header (while _need is 0) or of the current body
+        self._need = 0  # sealed bytes of the current body; 0 while reading a header
         self._sealed = bytearray(0)
         self._length = 0
 
@@ -203,7 +210,7 @@ class Incoming:
             return
         try:
             while True:
-                if self._body is None:
+                if not self._need:
                     got = self.sock.recv_into(memoryview(self._head)[self._got:])
                     if got == 0:
                         raise PartyError(f"{self.me}: party {self.who} closed its connection (it "
@@ -213,17 +220,23 @@ class Incoming:
                     if self._got == HEADER.size:
                         self._begin_body()
                 else:
-                    got = self.sock.recv_into(self._body[self._got:])
+                    if self._got == len(self._sealed):
+                        self._grow()
+                    got = self.sock.recv_into(memoryview(self._sealed)[self._got:self._need])
                     if got == 0:
                         raise PartyError(f"{self.me}: truncated message from {self.who} (connection lost)")
                     self._got += got
-                    if self._got == len(self._body):
+                    if self._got == self._need:
                         self._open()
+                self.bytes_in += got
         except BlockingIOError:
             return
         except PartyError as e:
             self.error = e
-        except (OSError, ValueError, MemoryError) as e:
+        except MemoryError:
+            self.error = PartyError(f"{self.me}: message from {self.who} of {self._length} bytes: more than "
+                                    f"this process can hold")
+        except (OSError, ValueError) as e:
             self.error = PartyError(f"{self.me}: connection to {self.who} lost: {e} (the party died?)")
         if self.closed:
             self.error = PartyError(f"{self.me}: transport is closed")
@@ -233,22 +246,30 @@ class Incoming:
         if length > MAX_MESSAGE_BYTES:
             raise PartyError(f"{self.me}: message from {self.who} claims {length} bytes "
                              f"(limit {MAX_MESSAGE_BYTES})")
-        need = length + TAG_BYTES
-        if len(self._sealed) < need:
-            self._sealed = bytearray(max(need, 2 * len(self._sealed)))
-        self._length, self._body, self._got = length, memoryview(self._sealed)[:need], 0
+        self._length, self._need, self._got = length, length + TAG_BYTES, 0
+
+    def _grow(self) -> None:
+        """Room for more of the current frame: double the buffer, up to the frame's size."""
+        size = min(self._need, max(2 * len(self._sealed), 1 << 20))
+        try:
+            bigger = bytearray(size)
+        except MemoryError:
+            raise PartyError(f"{self.me}: message from {self.who} claims {self._length} bytes, more than "
+                             f"this process can hold") from None
+        bigger[:self._got] = memoryview(self._sealed)[:self._got]
+        self._sealed = bigger
 
     def _open(self) -> None:
-        assert self._body is not None
         payload = bytearray(self._length)
         try:
-            self._aead.decrypt_into(nonce(self._seq), self._body, bytes(self._head), payload)
+            self._aead.decrypt_into(nonce(self._seq), memoryview(self._sealed)[:self._need], bytes(self._head),
+                                    payload)
         except InvalidTag:
             raise PartyError(f"{self.me}: message {self._seq} from {self.who} failed authentication "
                              f"(altered or forged on the wire)") from None
         self.frames.append(payload)
         self._seq += 1
-        self._body, self._got = None, 0
+        self._need, self._got = 0, 0
 
     def close(self) -> None:
         if self.closed:

@@ -94,8 +94,9 @@ def check_header(raw: bytes, session_id: bytes, expected_seq: int, peer: str, me
 class Transport(ABC):
     """Point-to-point, ordered, reliable message passing between named parties.
 
-    ``send`` never blocks on the peer reading (a background reader drains every connection), so two
-    parties may both send before they receive.
+    Two parties may both send before they receive: a ``send`` that waits for room in the peer's
+    buffers reads the incoming connections meanwhile (the TLS transport) or never waits (the
+    in-process one).
     """
 
     party: str
