@@ -1,6 +1,7 @@
 """One direction of a link between two parties: TLS set-up, hello, AEAD frames, non-blocking I/O.
 
-Used by :mod:`veil.net.tls`, which owns connection setup, the party-level checks and the event loop.
+Used by :mod:`veil.net.tlssetup` (connection setup, the party-level checks) and :mod:`veil.net.tls`
+(the event loop).
 
 Two connections per pair of parties, one per direction, each written by the party that dialed it
 (:class:`Outgoing`) and read by the party that accepted it (:class:`Incoming`). After set-up both
