@@ -132,14 +132,13 @@ class Outgoing:
         self.closed = False
 
     def seal(self, header: bytes, seq: int, payload: memoryview) -> None:
-        """Queue one frame: ``header`` in clear (associated data), then ``payload`` sealed."""
+        """Queue one frame: ``header`` in clear (associated data), then ``payload`` sealed into the
+        reused buffer. Only when nothing is pending: the transport writes a whole frame before the
+        next, and a direction whose send failed takes no more."""
         need = payload.nbytes + TAG_BYTES
-        if self._pending:  # the buffer still holds unwritten bytes: seal into a new one
-            out = memoryview(bytearray(need))
-        else:
-            if len(self._buf) < need:
-                self._buf = bytearray(max(need, 2 * len(self._buf)))
-            out = memoryview(self._buf)[:need]
+        if len(self._buf) < need:
+            self._buf = bytearray(max(need, 2 * len(self._buf)))
+        out = memoryview(self._buf)[:need]
         self._aead.encrypt_into(nonce(seq), payload, header, out)
         self._pending.append(memoryview(header))
         self._pending.append(out)
