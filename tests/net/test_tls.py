@@ -182,11 +182,15 @@ def test_a_send_to_a_slow_reader_fails_only_after_a_stall(pki: dict[str, Path]) 
     payload = secrets.token_bytes(3 * BIG)
 
     def body(t: TLSTransport) -> Any:
+        # Small socket buffers (a few MB), so that the transfer needs many bursts whatever the
+        # kernel's autotuning would allow.
         if t.party == "bob":
+            t._in["alice"].sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
             time.sleep(0.3)
             while not t.poll("alice"):  # takes what has arrived, without waiting
                 time.sleep(0.3)
             return bytes(t.recv("alice")) == payload
+        t._out["bob"].sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
         start = time.monotonic()
         t.send("bob", payload)
         return time.monotonic() - start
